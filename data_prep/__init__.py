@@ -1,0 +1,1 @@
+"""Offline tools: GeoTIFF -> TFDS-readable TFRecords, and the generated demo dataset."""
