@@ -95,6 +95,10 @@ DATA_RULES: dict[str, tuple[Callable[[Any], bool], str]] = {
 }
 
 
+# Keys that may be absent (their documented default applies).
+OPTIONAL_KEYS = frozenset({'objective.prior_sigma', 'objective.prior_truncate'})
+
+
 def _check_section(config: ml_collections.ConfigDict, section: str,
                    rules: dict[str, tuple[Callable[[Any], bool], str]]) -> None:
   for key, (ok, allowed) in rules.items():
@@ -102,6 +106,8 @@ def _check_section(config: ml_collections.ConfigDict, section: str,
     try:
       value = _get(config, path)
     except (KeyError, AttributeError):
+      if path in OPTIONAL_KEYS:
+        continue
       raise ConfigError(f'config.{path} is missing; expected {allowed}.') from None
     if not ok(value):
       raise ConfigError(f'config.{path}={value!r} is not allowed; expected {allowed}.')

@@ -1,0 +1,637 @@
+"""tf.data readers for pretraining (SSL4EO-S12@NoL) and downstream (DFC2020-style) data.
+
+Reads the TFDS datasets written by `data_prep` (record format: docs/DESIGN.md) and yields
+host-local numpy batches (the per-host share of the global batch; `sharding.py` assembles global
+arrays). Images stay uint8; the train step divides by 255 and computes the smoothing prior from
+`season_labels` on the device (SPEC §4), so neither happens here.
+
+Guarantees:
+* Determinism: every random choice (file order, shuffle, season, crop, flips, rotation) is drawn
+  from stateless RNGs keyed by (config.seed, epoch, process index, element index), and every
+  parallel stage keeps its order, so a seed gives the same batches whatever the parallelism.
+* Resume: a train iterator started at global step k yields exactly batches k, k+1, ... of an
+  uninterrupted run (epoch = k // steps_per_epoch, the rest is skipped inside that epoch).
+* Host sharding: each process reads a disjoint part (whole files when there are at least as many
+  files as processes, else every n-th example); every host yields the same number of batches.
+* Evaluation iterators cover the split exactly once across hosts; the last batches are padded
+  with repeated examples and `valid` (bool [b]) marks the real ones.
+
+Augmentation (training only; SPEC §2.3): random season, random crop (centre crop for
+evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
+angle uniform in [-90, 90] degrees, reflect padding, bilinear for images and nearest for labels,
+like albumentations' Rotate), 'rot90' (p=rotation_prob, a random non-zero multiple of 90 degrees)
+or 'none'. Every label map (chosen, clean, all seasons) follows the image exactly. An optional
+`config.data.image_interpolation` ('bilinear' default, or 'nearest') sets the image resampling of
+the free rotation. TF's REFLECT mode mirrors including the edge pixel ("dcba|abcd"), whereas
+albumentations' default mirrors without it ("dcb|abcd"); only the rotated corners differ.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Any, Callable, Iterator
+
+from absl import logging
+import ml_collections
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from cromss_jax import constants
+
+Batch = dict[str, np.ndarray]
+
+_AUTOTUNE = tf.data.AUTOTUNE
+# Salts that keep the independent random streams of one element apart.
+_FILES_SALT, _SHUFFLE_SALT, _EVAL_SALT = 1, 2, 3
+
+
+@dataclasses.dataclass(frozen=True)
+class _DatasetKind:
+  """What distinguishes the pretraining records from the downstream ones."""
+  name: str
+  command: str
+  label_key: str
+  id_key: str
+  seasonal: bool
+
+
+_PRETRAIN = _DatasetKind(name='ssl4eo_s12_nol', command='python -m data_prep.ssl4eo',
+                         label_key='labels', id_key='location_id', seasonal=True)
+_DOWNSTREAM = _DatasetKind(name='dfc2020', command='python -m data_prep.dfc2020',
+                           label_key='label', id_key='patch_id', seasonal=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineInfo:
+  """Sizes the training loop needs before it sees a batch.
+
+  `eval_steps` is the number of (padded) evaluation batches every host yields; it is the same on
+  all hosts so that collective evaluation steps line up.
+  """
+  dataset_dir: str
+  train_split: str
+  eval_split: str
+  num_train_examples: int
+  num_eval_examples: int
+  steps_per_epoch: int
+  eval_steps: int
+  global_batch: int
+  per_host_batch: int
+  process_count: int
+  tile_size: int
+  crop_size: int
+  s1_channels: int
+  s2_channels: int
+  num_seasons: int          # 0 for single-date (downstream) data
+  has_clean_labels: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class _Augment:
+  crop_size: int
+  flip: bool
+  rotation: str
+  rotation_prob: float
+  image_interpolation: str
+
+
+@dataclasses.dataclass(frozen=True)
+class _Source:
+  """A resolved dataset: the builder plus what the element functions need."""
+  kind: _DatasetKind
+  builder: Any
+  dataset_dir: str
+  tile_size: int
+  band_indices: tuple[int, ...] | None   # None: take the stored bands as they are
+  s1_channels: int
+  s2_channels: int
+  num_seasons: int
+  has_clean_labels: bool
+
+
+# ------------------------------------------------------------------------------------------------
+# Dataset discovery and checks.
+
+
+def _find_dataset_dir(dataset_dir: str, kind: _DatasetKind) -> str:
+  """Accepts the version folder itself or a parent holding `<version>/` or `<name>/<version>/`."""
+  if not dataset_dir:
+    raise FileNotFoundError(
+        f'config.data.dataset_dir is not set. Point it at the {kind.name} TFDS folder written '
+        f'by `{kind.command}` (e.g. --config.data.dataset_dir=/data/{kind.name}/1.0.0).')
+  path = os.path.expanduser(dataset_dir)
+  if not tf.io.gfile.isdir(path):
+    raise FileNotFoundError(
+        f'Dataset folder {path!r} (config.data.dataset_dir) does not exist. Create it with '
+        f'`{kind.command}` or point config.data.dataset_dir at the folder it wrote.')
+  if tf.io.gfile.exists(os.path.join(path, 'dataset_info.json')):
+    return path
+  candidates = []
+  for pattern in ('*/dataset_info.json', '*/*/dataset_info.json'):
+    candidates += tf.io.gfile.glob(os.path.join(path, pattern))
+  if not candidates:
+    raise FileNotFoundError(
+        f'{path!r} (config.data.dataset_dir) holds no dataset_info.json (nor does any version '
+        f'folder under it); it is not a TFDS folder. Create one with `{kind.command}`.')
+
+  def version_key(p: str) -> tuple[Any, ...]:
+    version = os.path.basename(os.path.dirname(p))
+    parts = version.split('.')
+    return tuple(int(x) for x in parts) if all(x.isdigit() for x in parts) else (-1, version)
+
+  chosen = os.path.dirname(max(candidates, key=version_key))
+  logging.info('Using TFDS folder %s (found under %s).', chosen, path)
+  return chosen
+
+
+def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Source:
+  dataset_dir = _find_dataset_dir(config.data.dataset_dir, kind)
+  builder = tfds.builder_from_directory(dataset_dir)
+  features = builder.info.features
+  missing = [k for k in ('s1', 's2', kind.label_key) if k not in features]
+  if missing:
+    raise ValueError(
+        f'{dataset_dir} lacks the features {missing} of a {kind.name}-style dataset (it has '
+        f'{sorted(features.keys())}); was it written by `{kind.command}`?')
+  file_format = str(builder.info.file_format).lower()
+  if 'tfrecord' not in file_format:
+    raise ValueError(f'{dataset_dir} is stored as {file_format}; only TFRecord is supported.')
+
+  s1_shape = tuple(features['s1'].shape)
+  s2_shape = tuple(features['s2'].shape)
+  label_shape = tuple(features[kind.label_key].shape)
+  spatial_rank = 3 if kind.seasonal else 2   # [T,H,W,C] or [H,W,C]
+  if len(s2_shape) != spatial_rank + 1 or s1_shape[:-1] != s2_shape[:-1] or \
+      label_shape != s2_shape[:-1]:
+    raise ValueError(f'{dataset_dir}: unexpected shapes s1 {s1_shape}, s2 {s2_shape}, '
+                     f'{kind.label_key} {label_shape} (see docs/DESIGN.md).')
+  height, width = s2_shape[-3], s2_shape[-2]
+  if height != width:
+    raise ValueError(f'{dataset_dir}: tiles must be square, got {height}x{width}.')
+  tile_size = height
+  config_tile = config.data.get('tile_size', None)
+  if config_tile is not None and config_tile != tile_size:
+    raise ValueError(f'config.data.tile_size={config_tile} but {dataset_dir} stores '
+                     f'{tile_size}x{tile_size} tiles; set --config.data.tile_size={tile_size}.')
+  crop = config.data.crop_size
+  if crop > tile_size:
+    raise ValueError(f'config.data.crop_size={crop} is larger than the {tile_size}x{tile_size} '
+                     f'tiles in {dataset_dir}; use a crop <= {tile_size}.')
+
+  s2_bands = config.data.s2_bands
+  if s2_bands not in constants.S2_BAND_SUBSETS:
+    raise ValueError(f'config.data.s2_bands={s2_bands!r} is not one of '
+                     f'{sorted(constants.S2_BAND_SUBSETS)}.')
+  stored_bands = s2_shape[-1]
+  if stored_bands == len(constants.S2_BANDS):
+    band_indices = constants.S2_BAND_SUBSETS[s2_bands]
+  elif stored_bands == s2_bands:
+    band_indices = None
+    logging.warning('%s stores %d S2 bands; taking them as the config.data.s2_bands=%d subset.',
+                    dataset_dir, stored_bands, s2_bands)
+  else:
+    raise ValueError(
+        f'config.data.s2_bands={s2_bands} needs the {len(constants.S2_BANDS)}-band records, but '
+        f'{dataset_dir} stores {stored_bands} S2 bands; rewrite it with `{kind.command}` or '
+        f'set --config.data.s2_bands={stored_bands}.')
+  return _Source(
+      kind=kind, builder=builder, dataset_dir=dataset_dir, tile_size=tile_size,
+      band_indices=band_indices, s1_channels=s1_shape[-1], s2_channels=s2_bands,
+      num_seasons=s2_shape[0] if kind.seasonal else 0,
+      has_clean_labels=kind.seasonal and 'clean_labels' in features)
+
+
+def _split_files(source: _Source, split: str) -> tuple[list[str], list[int]]:
+  """The split's shard files and their example counts, empty shards left out."""
+  splits = source.builder.info.splits
+  if split not in splits:
+    raise ValueError(f'{source.dataset_dir} has no split {split!r}; it has {sorted(splits)}.')
+  info = splits[split]
+  pairs = [(os.fspath(p), int(n)) for p, n in zip(info.filepaths, info.shard_lengths) if n > 0]
+  if not pairs:
+    raise ValueError(f'Split {split!r} of {source.dataset_dir} is empty.')
+  return [p for p, _ in pairs], [n for _, n in pairs]
+
+
+def _resolve_hosts(process_index: int | None, process_count: int | None) -> tuple[int, int]:
+  if process_index is None or process_count is None:
+    import jax  # pylint: disable=g-import-not-at-top  (only for the defaults)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise ValueError(f'process_index={process_index} is not in [0, {process_count}).')
+  return process_index, process_count
+
+
+def _per_host_batch(config: ml_collections.ConfigDict, process_count: int) -> int:
+  global_batch = config.training.global_batch_size
+  if global_batch % process_count:
+    raise ValueError(f'config.training.global_batch_size={global_batch} is not divisible by '
+                     f'the {process_count} processes; pick a multiple of {process_count}.')
+  return global_batch // process_count
+
+
+def _host_counts(lengths: list[int], process_count: int) -> tuple[bool, list[int]]:
+  """(shard by files?, examples per host) for the fixed (unpermuted) file order."""
+  if len(lengths) >= process_count:
+    return True, [sum(lengths[h::process_count]) for h in range(process_count)]
+  total = sum(lengths)
+  return False, [len(range(h, total, process_count)) for h in range(process_count)]
+
+
+def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
+  """config.training.steps_per_epoch if > 0, else full global batches in one pass."""
+  configured = config.training.get('steps_per_epoch', -1)
+  if configured is not None and configured > 0:
+    return int(configured)
+  steps = num_train_examples // config.training.global_batch_size
+  if steps < 1:
+    raise ValueError(f'The training split has {num_train_examples} examples, fewer than one '
+                     f'global batch (config.training.global_batch_size='
+                     f'{config.training.global_batch_size}); lower the batch size or set '
+                     'config.training.steps_per_epoch.')
+  return steps
+
+
+def _info(config: ml_collections.ConfigDict, source: _Source, train_split: str,
+          eval_split: str, process_count: int) -> PipelineInfo:
+  phb = _per_host_batch(config, process_count)
+  _, train_lengths = _split_files(source, train_split)
+  num_eval, eval_steps = 0, 0
+  if eval_split in source.builder.info.splits:
+    _, eval_lengths = _split_files(source, eval_split)
+    _, counts = _host_counts(eval_lengths, process_count)
+    num_eval, eval_steps = sum(eval_lengths), max(1, math.ceil(max(counts) / phb))
+  return PipelineInfo(
+      dataset_dir=source.dataset_dir, train_split=train_split, eval_split=eval_split,
+      num_train_examples=sum(train_lengths), num_eval_examples=num_eval,
+      steps_per_epoch=steps_per_epoch(config, sum(train_lengths)), eval_steps=eval_steps,
+      global_batch=config.training.global_batch_size, per_host_batch=phb,
+      process_count=process_count, tile_size=source.tile_size,
+      crop_size=config.data.crop_size, s1_channels=source.s1_channels,
+      s2_channels=source.s2_channels, num_seasons=source.num_seasons,
+      has_clean_labels=source.has_clean_labels)
+
+
+def pretrain_info(config: ml_collections.ConfigDict, *, process_count: int | None = None,
+                  train_split: str = 'train', eval_split: str = 'validation') -> PipelineInfo:
+  """Sizes of the pretraining data under `config` (reads only the dataset metadata)."""
+  _, process_count = _resolve_hosts(0, process_count)
+  return _info(config, _load_source(config, _PRETRAIN), train_split, eval_split, process_count)
+
+
+def downstream_info(config: ml_collections.ConfigDict, *, process_count: int | None = None,
+                    train_split: str = 'validation', eval_split: str = 'test') -> PipelineInfo:
+  """Sizes of a DFC2020-style dataset (train on the small 'validation' split by default)."""
+  _, process_count = _resolve_hosts(0, process_count)
+  return _info(config, _load_source(config, _DOWNSTREAM), train_split, eval_split,
+               process_count)
+
+
+# ------------------------------------------------------------------------------------------------
+# Per-element geometry: every transform is applied identically to images and label maps.
+
+
+def _augment_config(config: ml_collections.ConfigDict, default_rotation: str,
+                    default_rotation_prob: float) -> _Augment:
+  data = config.data
+  rotation = data.get('rotation', default_rotation)
+  if rotation not in ('free', 'rot90', 'none'):
+    raise ValueError(f"config.data.rotation={rotation!r}; expected 'free', 'rot90' or 'none'.")
+  interpolation = data.get('image_interpolation', 'bilinear')
+  if interpolation not in ('bilinear', 'nearest'):
+    raise ValueError(f"config.data.image_interpolation={interpolation!r}; expected 'bilinear' "
+                     "or 'nearest'.")
+  return _Augment(crop_size=data.crop_size, flip=bool(data.get('flip', True)),
+                  rotation=rotation,
+                  rotation_prob=float(data.get('rotation_prob', default_rotation_prob)),
+                  image_interpolation=interpolation)
+
+
+def _rotation_transform(angle: tf.Tensor, size: int) -> tf.Tensor:
+  """Projective transform (output -> input pixel) of a rotation about the image centre."""
+  cos, sin = tf.cos(angle), tf.sin(angle)
+  centre = (size - 1) / 2.0
+  zero = tf.zeros_like(cos)
+  return tf.stack([cos, -sin, centre - cos * centre + sin * centre,
+                   sin, cos, centre - sin * centre - cos * centre, zero, zero])[None]
+
+
+def _rotate(x: tf.Tensor, transform: tf.Tensor, interpolation: str) -> tf.Tensor:
+  size = x.shape[0]
+  out = tf.raw_ops.ImageProjectiveTransformV3(
+      images=x[None], transforms=transform, output_shape=tf.constant([size, size]),
+      fill_value=0.0, interpolation=interpolation, fill_mode='REFLECT')
+  return out[0]
+
+
+def _geometry(images: tf.Tensor, labels: tf.Tensor, key: tf.Tensor, aug: _Augment,
+              train: bool) -> tuple[tf.Tensor, tf.Tensor]:
+  """Crop, flip and rotate uint8 images [H,W,C] and label maps [H,W,L] with one draw."""
+  tile = images.shape[0]
+  crop = aug.crop_size
+  keys = tf.random.experimental.stateless_split(key, 6)
+  if train:
+    offset = tf.random.stateless_uniform([2], keys[0], minval=0, maxval=tile - crop + 1,
+                                         dtype=tf.int32)
+  else:
+    offset = tf.fill([2], (tile - crop) // 2)
+  if crop != tile:
+    images = tf.slice(images, [offset[0], offset[1], 0], [crop, crop, -1])
+    labels = tf.slice(labels, [offset[0], offset[1], 0], [crop, crop, -1])
+  if not train:
+    return images, labels
+
+  if aug.flip:
+    for axis, k in ((1, keys[1]), (0, keys[2])):   # horizontal, then vertical
+      flip = tf.random.stateless_uniform([], k) < 0.5
+      images = tf.cond(flip, lambda x=images, a=axis: tf.reverse(x, [a]), lambda x=images: x)
+      labels = tf.cond(flip, lambda x=labels, a=axis: tf.reverse(x, [a]), lambda x=labels: x)
+
+  if aug.rotation != 'none' and aug.rotation_prob > 0:
+    rotate = tf.random.stateless_uniform([], keys[3]) < aug.rotation_prob
+    if aug.rotation == 'rot90':
+      turns = tf.random.stateless_uniform([], keys[4], minval=1, maxval=4, dtype=tf.int32)
+      turns = tf.where(rotate, turns, 0)
+      images = tf.image.rot90(images, turns)
+      labels = tf.image.rot90(labels, turns)
+    else:
+      angle = tf.random.stateless_uniform([], keys[4], minval=-math.pi / 2, maxval=math.pi / 2)
+      transform = _rotation_transform(angle, crop)
+
+      def rotated() -> tuple[tf.Tensor, tf.Tensor]:
+        if aug.image_interpolation == 'nearest':
+          new_images = _rotate(images, transform, 'NEAREST')
+        else:
+          new_images = _rotate(tf.cast(images, tf.float32), transform, 'BILINEAR')
+          new_images = tf.cast(tf.clip_by_value(tf.round(new_images), 0, 255), tf.uint8)
+        return new_images, _rotate(labels, transform, 'NEAREST')
+
+      images, labels = tf.cond(rotate, rotated, lambda: (images, labels))
+  images = tf.ensure_shape(images, [crop, crop, images.shape[-1]])
+  labels = tf.ensure_shape(labels, [crop, crop, labels.shape[-1]])
+  return images, labels
+
+
+def _select_bands(s2: tf.Tensor, source: _Source) -> tf.Tensor:
+  if source.band_indices is None:
+    return s2
+  return tf.gather(s2, list(source.band_indices), axis=-1)
+
+
+def _pretrain_element(source: _Source, aug: _Augment, with_ids: bool
+                      ) -> Callable[[dict[str, tf.Tensor], tf.Tensor, bool], dict[str, tf.Tensor]]:
+  """One location -> one sample: a season, its images and all label maps, augmented."""
+  seasons = source.num_seasons
+
+  def element(ex: dict[str, tf.Tensor], key: tf.Tensor, train: bool) -> dict[str, tf.Tensor]:
+    if not train:   # evaluation: a fixed season per location, whatever the sharding
+      key = tf.random.experimental.stateless_fold_in(key, ex['location_id'])
+    season_key, geometry_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
+    season = tf.random.stateless_uniform([], season_key, minval=0, maxval=seasons,
+                                         dtype=tf.int32)
+    s1 = tf.gather(ex['s1'], season)
+    s2 = _select_bands(tf.gather(ex['s2'], season), source)
+    maps = [ex['labels']] + ([ex['clean_labels']] if source.has_clean_labels else [])
+    maps = tf.transpose(tf.concat(maps, axis=0), [1, 2, 0])          # [H, W, T or 2T]
+    images, maps = _geometry(tf.concat([s1, s2], axis=-1), maps, geometry_key, aug, train)
+    maps = tf.transpose(maps, [2, 0, 1])
+    out = {
+        's1': images[..., :source.s1_channels],
+        's2': images[..., source.s1_channels:],
+        'labels': tf.cast(tf.gather(maps, season), tf.int32),
+        'season_labels': maps[:seasons],
+        'season': season,
+    }
+    if source.has_clean_labels:
+      out['clean_labels'] = tf.cast(tf.gather(maps, seasons + season), tf.int32)
+    if with_ids:
+      out['location_id'] = ex['location_id']
+    return out
+
+  return element
+
+
+def _downstream_element(source: _Source, aug: _Augment, with_ids: bool
+                        ) -> Callable[[dict[str, tf.Tensor], tf.Tensor, bool],
+                                      dict[str, tf.Tensor]]:
+  """One patch -> one sample; `label` keeps IGNORE_LABEL (255) as is."""
+
+  def element(ex: dict[str, tf.Tensor], key: tf.Tensor, train: bool) -> dict[str, tf.Tensor]:
+    images = tf.concat([ex['s1'], _select_bands(ex['s2'], source)], axis=-1)
+    images, label = _geometry(images, ex['label'][..., None], key, aug, train)
+    out = {
+        's1': images[..., :source.s1_channels],
+        's2': images[..., source.s1_channels:],
+        'label': tf.cast(label[..., 0], tf.int32),
+    }
+    if with_ids and 'patch_id' in ex:
+      out['patch_id'] = ex['patch_id']
+    return out
+
+  return element
+
+
+# ------------------------------------------------------------------------------------------------
+# Record streams (shared by both datasets).
+
+
+def _interleave(files: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
+  return files.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(num_files, 16)),
+                          block_length=1, num_parallel_calls=_AUTOTUNE, deterministic=True)
+
+
+def _int_seed(key: tf.Tensor, salt: int) -> tf.Tensor:
+  """A scalar int64 seed for ops that take one (Dataset.shuffle), drawn from a stateless key."""
+  key = tf.random.experimental.stateless_fold_in(key, salt)
+  return tf.random.stateless_uniform([], key, minval=0, maxval=2**31 - 1, dtype=tf.int64)
+
+
+def _train_records(files: list[str], lengths: list[int], *, base_key: tf.Tensor,
+                   start_step: int, steps: int, per_host_batch: int, process_index: int,
+                   process_count: int, shuffle_buffer: int, cache: bool) -> tf.data.Dataset:
+  """(epoch, index, serialized) for the host's examples of all epochs from `start_step` on.
+
+  Each epoch reshuffles the file order and the examples with seeds from (seed, epoch), shards
+  the files (or the examples) over hosts, repeats the host's share if it is shorter than
+  `steps * per_host_batch` and numbers the elements, so an element's augmentation key depends
+  only on (seed, epoch, process, index).
+  """
+  shard_files, _ = _host_counts(lengths, process_count)
+  if not shard_files and sum(lengths) < process_count:
+    raise ValueError(f'The training split has {sum(lengths)} examples, fewer than the '
+                     f'{process_count} processes.')
+  files_t = tf.constant(files)
+  per_epoch = steps * per_host_batch
+  start_epoch, offset = divmod(start_step, steps)
+
+  cached = None
+  if cache:   # fixed file assignment so that the cached stream is the same every epoch
+    host_files = files[process_index::process_count] if shard_files else files
+    cached = _interleave(tf.data.Dataset.from_tensor_slices(host_files), len(host_files))
+    if not shard_files:
+      cached = cached.shard(process_count, process_index)
+    cached = cached.cache()
+
+  def epoch_records(epoch: tf.Tensor) -> tf.data.Dataset:
+    epoch_key = tf.random.experimental.stateless_fold_in(base_key, epoch)
+    if cached is not None:
+      records = cached
+    else:
+      order = tf.random.experimental.stateless_shuffle(
+          files_t, tf.random.experimental.stateless_fold_in(epoch_key, _FILES_SALT))
+      if shard_files:
+        order = order[process_index::process_count]
+      records = _interleave(tf.data.Dataset.from_tensor_slices(order),
+                            len(files[process_index::process_count]) if shard_files
+                            else len(files))
+      if not shard_files:
+        records = records.shard(process_count, process_index)
+    records = records.shuffle(shuffle_buffer, seed=_int_seed(epoch_key, _SHUFFLE_SALT),
+                              reshuffle_each_iteration=True)
+    records = records.repeat().take(per_epoch).enumerate()
+    skip = tf.where(tf.equal(epoch, start_epoch), tf.constant(offset * per_host_batch, tf.int64),
+                    tf.constant(0, tf.int64))
+    return records.skip(skip).map(lambda index, record: (epoch, index, record))
+
+  return tf.data.Dataset.counter(start=start_epoch).flat_map(epoch_records)
+
+
+def _eval_records(files: list[str], lengths: list[int], *, per_host_batch: int,
+                  process_index: int, process_count: int
+                  ) -> tuple[tf.data.Dataset, int, int]:
+  """(serialized, valid) in a fixed order, padded to the same batch count on every host."""
+  shard_files, counts = _host_counts(lengths, process_count)
+  host_files = files[process_index::process_count] if shard_files else files
+  records = _interleave(tf.data.Dataset.from_tensor_slices(host_files), len(host_files))
+  if not shard_files:
+    records = records.shard(process_count, process_index)
+  steps = max(1, math.ceil(max(counts) / per_host_batch))
+  pad = steps * per_host_batch - counts[process_index]
+  filler = tf.data.TFRecordDataset(files[:1]).take(1).repeat(pad)
+  records = records.map(lambda r: (r, True)).concatenate(filler.map(lambda r: (r, False)))
+  return records, steps, counts[process_index]
+
+
+def _finish(ds: tf.data.Dataset, config: ml_collections.ConfigDict, per_host_batch: int
+            ) -> Iterator[Batch]:
+  ds = ds.batch(per_host_batch, drop_remainder=True)
+  ds = ds.prefetch(config.data.get('prefetch', 2))
+  options = tf.data.Options()
+  options.deterministic = True
+  options.threading.max_intra_op_parallelism = 1
+  ds = ds.with_options(options)
+  return iter(tfds.as_numpy(ds))
+
+
+def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: str, *,
+                     train: bool, element_fn: Callable[..., dict[str, tf.Tensor]],
+                     start_step: int, num_steps: int | None,
+                     seed: int | None, process_index: int | None, process_count: int | None
+                     ) -> Iterator[Batch]:
+  process_index, process_count = _resolve_hosts(process_index, process_count)
+  phb = _per_host_batch(config, process_count)
+  files, lengths = _split_files(source, split)
+  seed = config.get('seed', 0) if seed is None else seed
+  base_key = tf.constant([seed, 0], tf.int64)
+  parallel = config.data.get('num_parallel_calls', -1)
+  parallel = _AUTOTUNE if parallel is None or parallel < 0 else parallel
+  decode = source.builder.info.features.deserialize_example
+
+  if train:
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0.')
+    steps = steps_per_epoch(config, sum(lengths))
+    records = _train_records(
+        files, lengths, base_key=base_key, start_step=start_step, steps=steps,
+        per_host_batch=phb, process_index=process_index, process_count=process_count,
+        shuffle_buffer=config.data.get('shuffle_buffer', 1024),
+        cache=bool(config.data.get('cache', False)))
+
+    def prepare(epoch: tf.Tensor, index: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
+      key = base_key
+      for value in (epoch, process_index, index):
+        key = tf.random.experimental.stateless_fold_in(key, value)
+      return element_fn(decode(record), key, True)
+
+    ds = records.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    if num_steps is not None:
+      ds = ds.take(num_steps * phb)
+    logging.info('%s/%s train stream: host %d/%d, %d examples in the split, %d steps/epoch of '
+                 '%d per host, starting at step %d (epoch %d).', source.kind.name, split,
+                 process_index, process_count, sum(lengths), steps, phb, start_step,
+                 start_step // steps)
+  else:
+    records, eval_steps, host_count = _eval_records(
+        files, lengths, per_host_batch=phb, process_index=process_index,
+        process_count=process_count)
+    eval_key = tf.random.experimental.stateless_fold_in(base_key, _EVAL_SALT)
+
+    def prepare_eval(record: tf.Tensor, valid: tf.Tensor) -> dict[str, tf.Tensor]:
+      out = element_fn(decode(record), eval_key, False)
+      out['valid'] = valid
+      return out
+
+    ds = records.map(prepare_eval, num_parallel_calls=parallel, deterministic=True)
+    logging.info('%s/%s eval pass: host %d/%d, %d of %d examples in %d batches of %d.',
+                 source.kind.name, split, process_index, process_count, host_count,
+                 sum(lengths), eval_steps, phb)
+  return _finish(ds, config, phb)
+
+
+def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'train', *,
+                             train: bool | None = None, start_step: int = 0,
+                             num_steps: int | None = None, seed: int | None = None,
+                             process_index: int | None = None,
+                             process_count: int | None = None,
+                             with_ids: bool = False) -> Iterator[Batch]:
+  """Host-local pretraining batches (docs/DESIGN.md 'Batches') of the TFDS `ssl4eo_s12_nol`.
+
+  Args:
+    config: the pretraining config (`data`, `training.global_batch_size`, `seed`).
+    split: TFDS split to read ('train' or 'validation').
+    train: augmented, shuffled and endless (True) or one fixed-order, centre-cropped, padded
+      pass with a `valid` key (False). Defaults to `split == 'train'`.
+    start_step: (train) global step of the first batch; resuming at k yields batches k, k+1, ...
+      of the run that started at 0.
+    num_steps: (train) stop after this many batches; None = endless.
+    seed: overrides config.seed.
+    process_index: this host (default jax.process_index()); explicit values simulate hosts.
+    process_count: number of hosts (default jax.process_count()).
+    with_ids: add `location_id` (int64 [b]) to each batch.
+
+  Returns:
+    An iterator of numpy dicts with leading dimension global_batch_size // process_count.
+  """
+  source = _load_source(config, _PRETRAIN)
+  train = split == 'train' if train is None else train
+  aug = _augment_config(config, 'free', 0.2)
+  return _create_iterator(
+      config, source, split, train=train, element_fn=_pretrain_element(source, aug, with_ids),
+      start_step=start_step, num_steps=num_steps, seed=seed,
+      process_index=process_index, process_count=process_count)
+
+
+def create_downstream_iterator(config: ml_collections.ConfigDict, split: str, *, train: bool,
+                               start_step: int = 0, num_steps: int | None = None,
+                               seed: int | None = None, process_index: int | None = None,
+                               process_count: int | None = None,
+                               with_ids: bool = False) -> Iterator[Batch]:
+  """Host-local batches {s1, s2, label} of a DFC2020-style TFDS dataset.
+
+  `label` is int32 with 255 (constants.IGNORE_LABEL) kept for pixels to ignore. Training
+  (`train=True`, usually split 'validation') uses random crops (when crop_size < tile), flips and
+  `config.data.rotation` (default 'rot90' with rotation_prob 0.75, which with the flips makes all
+  8 dihedral orientations equally likely); evaluation (usually split 'test') is one padded,
+  centre-cropped pass with a `valid` key. Other arguments as `create_pretrain_iterator`;
+  `with_ids` adds `patch_id` (bytes [b]).
+  """
+  source = _load_source(config, _DOWNSTREAM)
+  aug = _augment_config(config, 'rot90', 0.75)
+  return _create_iterator(
+      config, source, split, train=train,
+      element_fn=_downstream_element(source, aug, with_ids),
+      start_step=start_step, num_steps=num_steps, seed=seed, process_index=process_index,
+      process_count=process_count)

@@ -1,0 +1,18 @@
+"""Flax models of CromSS (SPEC §3): ResNet encoders, U-Net decoder, mid/late fusion networks."""
+from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretrain_model,
+                                      compute_dtype, extract_encoder, insert_encoder)
+from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels
+from cromss_jax.models.unet import UNetDecoder
+
+__all__ = [
+    'LateFusionUNet',
+    'MidFusionUNet',
+    'ResNetEncoder',
+    'UNetDecoder',
+    'build_pretrain_model',
+    'compute_dtype',
+    'encoder_depth',
+    'extract_encoder',
+    'insert_encoder',
+    'pyramid_channels',
+]

@@ -1,0 +1,557 @@
+"""Shared machinery of the GeoTIFF -> TFRecord converters (`ssl4eo`, `dfc2020`).
+
+A converter only says how ONE item (a location, a patch) becomes one example; this module does
+the rest: raster reads with the checks that keep bad files out, a deterministic shard plan,
+parallel shard writing, resume after an interruption, and the TFDS metadata at the end.
+
+Output directory DIR, loadable with `tfds.builder_from_directory(DIR)` once complete:
+
+  DIR/<name>-<split>.tfrecord-<i:05d>-of-<n:05d>  TFRecord shards, TFDS file naming
+  DIR/dataset_info.json, DIR/features.json        TFDS metadata, written LAST (their presence
+                                                  means every shard is there)
+  DIR/conversion_summary.json                     counts per split: converted, skipped, ...
+  DIR/rejects.csv                                 `location,file,reason` per skipped item
+  DIR/.conversion_state/plan.json                 arguments + shard plan, checked on resume
+  DIR/.conversion_state/<split>-<i:05d>.json      done-marker of one finished shard
+
+A shard is written under a temporary name and `os.replace`d; its marker is written (atomically)
+only afterwards, so a shard counts as done only when both are there and agree in size. Re-running
+the same command skips done shards; different arguments are refused unless `--overwrite`.
+
+Rejected items never stop a run (unless `--strict`): the reason is a `kind: detail` string,
+e.g. `size_mismatch: 100x100 px, expected 264x264`.
+"""
+from __future__ import annotations
+
+import abc
+import argparse
+import collections
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import time
+from typing import Any, Callable, Mapping, Sequence
+
+from absl import logging
+import numpy as np
+
+STATE_DIR = '.conversion_state'
+SUMMARY_FILE = 'conversion_summary.json'
+REJECTS_FILE = 'rejects.csv'
+METADATA_FILES = ('dataset_info.json', 'features.json')
+FILENAME_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
+PLAN_FORMAT_VERSION = 1
+
+
+class BadInput(Exception):
+  """A raw input that cannot become a record; names the file and the problem."""
+
+  def __init__(self, path: str, reason: str):
+    super().__init__(path, reason)  # Keeps the exception picklable across processes.
+    self.path = str(path)
+    self.reason = reason
+
+  def __str__(self) -> str:
+    return f'{self.path}: {self.reason}'
+
+
+class ConversionError(RuntimeError):
+  """The run cannot start or finish as asked (bad arguments, foreign output directory)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Raster reads and checks.
+
+
+@dataclasses.dataclass(frozen=True)
+class RasterInfo:
+  """Georeferencing of one file, kept to compare grids after reading."""
+  path: str
+  crs: Any  # rasterio.crs.CRS or None
+  bounds: tuple[float, float, float, float]
+  transform: tuple[float, float, float, float, float, float]
+  shape: tuple[int, int]
+  count: int
+  nodata: float | None
+
+
+def read_raster(path: str, *, count: int, native_shape: tuple[int, int],
+                out_shape: tuple[int, int] | None = None,
+                resampling: str = 'nearest') -> tuple[np.ndarray, RasterInfo]:
+  """Reads all bands as [count, H, W], resampled to `out_shape` by GDAL when given.
+
+  Band count and native size are checked before the (possibly expensive) read. Any failure
+  to open or decode the file (truncated, not a GeoTIFF) becomes BadInput naming the file.
+  """
+  import rasterio  # pylint: disable=g-import-not-at-top
+  from rasterio.enums import Resampling  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise BadInput(path, 'missing_file: file does not exist')
+  try:
+    with rasterio.open(path) as src:
+      info = RasterInfo(path=str(path), crs=src.crs, bounds=tuple(src.bounds),
+                        transform=tuple(src.transform)[:6], shape=(src.height, src.width),
+                        count=src.count, nodata=src.nodata)
+      if info.count != count:
+        raise BadInput(path, f'band_count: {info.count} bands, expected {count}')
+      if info.shape != tuple(native_shape):
+        raise BadInput(path, f'size_mismatch: {info.shape[0]}x{info.shape[1]} px, expected '
+                       f'{native_shape[0]}x{native_shape[1]}')
+      if out_shape is None or tuple(out_shape) == info.shape:
+        data = src.read()
+      else:
+        data = src.read(out_shape=(count, *out_shape), resampling=Resampling[resampling])
+  except BadInput:
+    raise
+  except Exception as err:  # pylint: disable=broad-except
+    raise BadInput(path, f'unreadable: {type(err).__name__}: {err}') from None
+  return data, info
+
+
+def check_same_grid(info: RasterInfo, ref: RasterInfo, tolerance_px: float) -> None:
+  """Same CRS and bounds within `tolerance_px` pixels of `ref` (the 10 m reference grid)."""
+  if info.crs is None:
+    raise BadInput(info.path, 'no_crs: file has no CRS, alignment cannot be checked')
+  if info.crs != ref.crs:
+    raise BadInput(info.path, f'crs_mismatch: {info.crs.to_string()} vs '
+                   f'{ref.crs.to_string()} of {ref.path}')
+  pixel = (ref.bounds[2] - ref.bounds[0]) / ref.shape[1]
+  offset = float(np.max(np.abs(np.subtract(info.bounds, ref.bounds))))
+  if offset > tolerance_px * pixel:
+    raise BadInput(info.path, f'bounds_mismatch: bounds differ by {offset:.3f} from {ref.path} '
+                   f'(tolerance {tolerance_px} px = {tolerance_px * pixel:.3f})')
+
+
+def grids_agree(a: RasterInfo, b: RasterInfo, tolerance_px: float) -> bool:
+  """Non-raising form of check_same_grid, for counting rather than rejecting."""
+  try:
+    check_same_grid(a, b, tolerance_px)
+  except BadInput:
+    return False
+  return True
+
+
+def check_labels(labels: np.ndarray, info: RasterInfo, valid: tuple[int, int]) -> np.ndarray:
+  """Label map as uint8 after rejecting NaN/inf, nodata pixels, fractions and values off range."""
+  path = info.path
+  if np.issubdtype(labels.dtype, np.floating):
+    bad = np.count_nonzero(~np.isfinite(labels))
+    if bad:
+      raise BadInput(path, f'label_non_finite: {bad} NaN/inf pixels')
+  if info.nodata is not None and not (isinstance(info.nodata, float) and math.isnan(info.nodata)):
+    hits = np.count_nonzero(labels == info.nodata)
+    if hits:
+      raise BadInput(path, f'label_nodata: {hits} pixels equal the nodata value {info.nodata:g}')
+  if np.issubdtype(labels.dtype, np.floating) and np.any(labels != np.round(labels)):
+    raise BadInput(path, 'label_out_of_range: non-integer label values')
+  lo, hi = int(labels.min()), int(labels.max())
+  if lo < valid[0] or hi > valid[1]:
+    raise BadInput(path, f'label_out_of_range: values {lo}..{hi}, expected {valid[0]}..{valid[1]}')
+  return labels.astype(np.uint8)
+
+
+def check_finite(data: np.ndarray, path: str, what: str) -> None:
+  """Rejects any NaN/inf (for bands where they mean a broken file, e.g. S2 reflectance)."""
+  if np.issubdtype(data.dtype, np.floating):
+    bad = np.count_nonzero(~np.isfinite(data))
+    if bad:
+      raise BadInput(path, f'non_finite: {what} has {bad} NaN/inf values')
+
+
+def check_not_all_non_finite(data: np.ndarray, path: str, what: str) -> None:
+  """S1 swath borders are NaN/-inf (kept, mapped to 0), but a band with no value is broken."""
+  if np.issubdtype(data.dtype, np.floating) and not np.any(np.isfinite(data)):
+    raise BadInput(path, f'all_non_finite: {what} has no finite value')
+
+
+# ---------------------------------------------------------------------------------------------
+# Converter interface and the shard plan.
+
+
+class Converter(abc.ABC):
+  """One dataset's per-item conversion. Instances are pickled once to each worker process."""
+
+  name: str  # TFDS dataset name, also the shard file prefix.
+  unit: str = 'item'
+
+  @abc.abstractmethod
+  def features(self) -> Any:
+    """The tfds.features.FeaturesDict of one example."""
+
+  @abc.abstractmethod
+  def convert(self, item: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    """Returns (example, counters such as non-finite values); raises BadInput when unusable."""
+
+  @abc.abstractmethod
+  def item_name(self, item: Any) -> str:
+    """The id written in rejects.csv."""
+
+  @abc.abstractmethod
+  def fingerprint(self) -> dict[str, Any]:
+    """Every argument that changes the output; a resume must match it exactly."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+  split: str
+  index: int
+  num_shards: int
+  items: tuple[Any, ...]
+
+  @property
+  def key(self) -> str:
+    return f'{self.split}-{self.index:05d}'
+
+
+def shard_filename(name: str, split: str, index: int, num_shards: int) -> str:
+  return f'{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
+
+
+def plan_shards(splits: Mapping[str, Sequence[Any]], examples_per_shard: int) -> list[ShardTask]:
+  """Consecutive runs of `examples_per_shard` items per split, in the given (sorted) order."""
+  tasks = []
+  for split, items in splits.items():
+    num_shards = math.ceil(len(items) / examples_per_shard)
+    for index in range(num_shards):
+      chunk = items[index * examples_per_shard:(index + 1) * examples_per_shard]
+      tasks.append(ShardTask(split, index, num_shards, tuple(chunk)))
+  return tasks
+
+
+def _jsonable(item: Any) -> Any:
+  return list(item) if isinstance(item, tuple) else item
+
+
+def _atomic_write_text(path: str, text: str) -> None:
+  tmp = f'{path}.tmp-{os.getpid()}'
+  with open(tmp, 'w') as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _atomic_write_json(path: str, obj: Any) -> None:
+  _atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + '\n')
+
+
+# ---------------------------------------------------------------------------------------------
+# Worker side: one call writes one whole shard.
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(converter: Converter, out_dir: str, strict: bool, counter: Any) -> None:
+  """Pool initializer: the converter (with e.g. a label manifest) crosses once per process."""
+  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
+  _WORKER.clear()
+  _WORKER.update(converter=converter, out_dir=out_dir, strict=strict, counter=counter,
+                 features=converter.features())
+
+
+def _tick() -> None:
+  counter = _WORKER['counter']
+  if callable(counter):
+    counter()
+  else:
+    with counter.get_lock():
+      counter.value += 1
+
+
+def _build_shard(task: ShardTask) -> dict[str, Any]:
+  """Converts the shard's items, writes the shard atomically, then its done-marker."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  converter: Converter = _WORKER['converter']
+  features = _WORKER['features']
+  out_dir = _WORKER['out_dir']
+  state_dir = os.path.join(out_dir, STATE_DIR)
+  filename = shard_filename(converter.name, task.split, task.index, task.num_shards)
+  tmp_path = os.path.join(state_dir, f'{filename}.tmp-{os.getpid()}')
+  rejects, counters, converted = [], collections.Counter(), 0
+  # Skipping the sibling-directory listing makes each open cheaper on big/network folders.
+  with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN='EMPTY_DIR'), \
+      tf.io.TFRecordWriter(tmp_path) as writer:
+    for item in task.items:
+      try:
+        example, item_counters = converter.convert(item)
+        writer.write(features.serialize_example(example))
+        counters.update(item_counters)
+        converted += 1
+      except BadInput as err:
+        if _WORKER['strict']:
+          raise
+        rejects.append([converter.item_name(item), err.path, err.reason])
+      except Exception as err:  # pylint: disable=broad-except
+        if _WORKER['strict']:
+          raise
+        logging.exception('Unexpected error on %s', converter.item_name(item))
+        rejects.append([converter.item_name(item), '',
+                        f'unexpected_error: {type(err).__name__}: {err}'])
+      _tick()
+  with open(tmp_path, 'rb') as f:
+    os.fsync(f.fileno())
+  os.replace(tmp_path, os.path.join(out_dir, filename))
+  marker = {'split': task.split, 'index': task.index, 'num_shards': task.num_shards,
+            'file': filename, 'planned': len(task.items), 'num_examples': converted,
+            'num_bytes': os.path.getsize(os.path.join(out_dir, filename)),
+            'rejects': rejects, 'counters': dict(counters)}
+  _atomic_write_json(os.path.join(state_dir, task.key + '.json'), marker)
+  return marker
+
+
+# ---------------------------------------------------------------------------------------------
+# Driver side.
+
+
+def _load_done_marker(out_dir: str, task: ShardTask, name: str) -> dict[str, Any] | None:
+  """The marker of a finished shard, or None when the shard must be (re)built."""
+  marker_path = os.path.join(out_dir, STATE_DIR, task.key + '.json')
+  try:
+    with open(marker_path) as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return None
+  shard = os.path.join(out_dir, shard_filename(name, task.split, task.index, task.num_shards))
+  if (marker.get('num_shards') != task.num_shards or marker.get('planned') != len(task.items)
+      or not os.path.isfile(shard) or os.path.getsize(shard) != marker.get('num_bytes')):
+    return None
+  return marker
+
+
+def _own_output_files(out_dir: str, name: str) -> list[str]:
+  shard_re = re.compile(re.escape(name) + r'-[\w]+\.tfrecord-\d{5}-of-\d{5}$')
+  return [f for f in os.listdir(out_dir)
+          if shard_re.match(f) or f in METADATA_FILES or f in (SUMMARY_FILE, REJECTS_FILE)]
+
+
+def _remove_outputs(out_dir: str, name: str) -> None:
+  for f in _own_output_files(out_dir, name):
+    os.remove(os.path.join(out_dir, f))
+  shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
+
+
+def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
+  if old.get('dataset') != new['dataset']:
+    return f'dataset: {old.get("dataset")!r} -> {new["dataset"]!r}'
+  old_fp, new_fp = old.get('fingerprint', {}), new['fingerprint']
+  diffs = [f'{k}: {old_fp.get(k)!r} -> {new_fp.get(k)!r}'
+           for k in sorted(set(old_fp) | set(new_fp)) if old_fp.get(k) != new_fp.get(k)]
+  if diffs:
+    return '; '.join(diffs)
+  return (f'the input item list changed ({old.get("num_items")} items in '
+          f'{len(old.get("shards", []))} shards before, {new["num_items"]} in '
+          f'{len(new["shards"])} now)')
+
+
+def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: bool) -> None:
+  """Creates the state, or checks that the recorded one belongs to the same command."""
+  state_dir = os.path.join(out_dir, STATE_DIR)
+  plan_path = os.path.join(state_dir, 'plan.json')
+  os.makedirs(out_dir, exist_ok=True)
+  if os.path.exists(plan_path):
+    with open(plan_path) as f:
+      old = json.load(f)
+    if old != plan:
+      if not overwrite:
+        raise ConversionError(
+            f'{out_dir} holds a conversion made with other arguments or inputs '
+            f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
+            'or pass --overwrite to discard it and start over.')
+      logging.warning('--overwrite: discarding the earlier conversion in %s', out_dir)
+      _remove_outputs(out_dir, old.get('dataset', name))
+  elif _own_output_files(out_dir, name) or any(
+      os.path.exists(os.path.join(out_dir, f)) for f in METADATA_FILES):
+    if not overwrite:
+      raise ConversionError(
+          f'{out_dir} already holds dataset files but no conversion state; '
+          'pass --overwrite to replace them, or choose another --out.')
+    _remove_outputs(out_dir, name)
+  os.makedirs(state_dir, exist_ok=True)
+  for f in os.listdir(state_dir):  # Leftovers of a killed run.
+    if '.tmp-' in f:
+      os.remove(os.path.join(state_dir, f))
+  if not os.path.exists(plan_path):
+    _atomic_write_json(plan_path, plan)
+
+
+def _run_tasks(converter: Converter, out_dir: str, todo: list[ShardTask], workers: int,
+               strict: bool) -> list[dict[str, Any]]:
+  """Builds the shards of `todo`, inline for one worker, else on a spawn-safe process pool."""
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
+  total = sum(len(t.items) for t in todo)
+  markers = []
+  with tqdm(total=total, unit=converter.unit, desc=converter.name, dynamic_ncols=True,
+            smoothing=0.05) as bar:
+    if workers <= 1 or len(todo) <= 1:
+      _init_worker(converter, out_dir, strict, lambda: bar.update(1))
+      try:
+        for task in todo:
+          markers.append(_build_shard(task))
+      finally:
+        _WORKER.clear()
+      return markers
+    ctx = multiprocessing.get_context('spawn')
+    counter = ctx.Value('q', 0)
+    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
+                  initargs=(converter, out_dir, strict, counter)) as pool:
+      pending = [pool.apply_async(_build_shard, (task,)) for task in todo]
+      while pending:
+        pending[0].wait(0.25)
+        bar.update(counter.value - bar.n)
+        still = []
+        for result in pending:
+          if result.ready():
+            markers.append(result.get())  # Re-raises a worker's error (strict mode).
+          else:
+            still.append(result)
+        pending = still
+      bar.update(counter.value - bar.n)
+  return markers
+
+
+def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
+                   markers: Mapping[str, dict[str, Any]], run_info: dict[str, Any]
+                   ) -> dict[str, Any]:
+  """rejects.csv and conversion_summary.json, from the markers of all shards (old and new)."""
+  splits: dict[str, dict[str, Any]] = {}
+  kinds: collections.Counter = collections.Counter()
+  rows = []
+  for task in tasks:
+    marker = markers[task.key]
+    entry = splits.setdefault(task.split, collections.Counter())
+    entry.update({'planned': marker['planned'], 'converted': marker['num_examples'],
+                  'skipped': len(marker['rejects']), 'shards': 1,
+                  'num_bytes': marker['num_bytes']})
+    entry.update(marker['counters'])
+    for row in marker['rejects']:
+      rows.append(row)
+      kinds[row[2].split(':', 1)[0]] += 1
+  with open(os.path.join(out_dir, REJECTS_FILE) + '.tmp', 'w', newline='') as f:
+    writer = csv.writer(f)
+    writer.writerow(['location', 'file', 'reason'])
+    writer.writerows(rows)
+  os.replace(os.path.join(out_dir, REJECTS_FILE) + '.tmp', os.path.join(out_dir, REJECTS_FILE))
+  total: collections.Counter = collections.Counter()
+  for entry in splits.values():
+    total.update(entry)
+  summary = {'dataset': converter.name, 'splits': {k: dict(v) for k, v in splits.items()},
+             'total': dict(total), 'reject_kinds': dict(sorted(kinds.items())),
+             'arguments': converter.fingerprint(), 'this_run': run_info}
+  _atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
+  return summary
+
+
+def _write_metadata(out_dir: str, converter: Converter, tasks: list[ShardTask],
+                    markers: Mapping[str, dict[str, Any]], description: str) -> None:
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  split_infos = []
+  for split in dict.fromkeys(t.split for t in tasks):
+    shard_markers = [markers[t.key] for t in tasks if t.split == split]
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=[m['num_examples'] for m in shard_markers],
+        num_bytes=sum(m['num_bytes'] for m in shard_markers)))
+  tfds.folder_dataset.write_metadata(
+      data_dir=out_dir, features=converter.features(), split_infos=split_infos,
+      filename_template=FILENAME_TEMPLATE, check_data=False, description=description)
+
+
+def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], out_dir: str, *,
+                   examples_per_shard: int, workers: int, strict: bool = False,
+                   overwrite: bool = False, description: str = '') -> dict[str, Any]:
+  """Converts `splits` (split -> sorted items) into a TFDS directory; returns the summary.
+
+  Resumable: shards already done (by the same plan) are kept; only the rest is built.
+  """
+  if examples_per_shard < 1:
+    raise ConversionError('--examples-per-shard must be >= 1')
+  splits = {k: [_jsonable(i) for i in v] for k, v in splits.items() if len(v)}
+  tasks = plan_shards(splits, examples_per_shard)
+  if not tasks:
+    raise ConversionError('nothing to convert: no input items were found')
+  items_blob = json.dumps(splits, sort_keys=True).encode()
+  plan = {'format_version': PLAN_FORMAT_VERSION, 'dataset': converter.name,
+          'fingerprint': dict(converter.fingerprint(), examples_per_shard=examples_per_shard),
+          'num_items': sum(len(v) for v in splits.values()),
+          'items_sha256': hashlib.sha256(items_blob).hexdigest(),
+          'shards': [{'split': t.split, 'index': t.index, 'num_shards': t.num_shards,
+                      'items': list(t.items)} for t in tasks]}
+  out_dir = os.path.abspath(out_dir)
+  _prepare_state(out_dir, plan, converter.name, overwrite)
+
+  markers = {}
+  for task in tasks:
+    marker = _load_done_marker(out_dir, task, converter.name)
+    if marker is not None:
+      markers[task.key] = marker
+  todo = [t for t in tasks if t.key not in markers]
+  if todo:
+    for f in METADATA_FILES:  # An incomplete directory must not look loadable.
+      if os.path.exists(os.path.join(out_dir, f)):
+        os.remove(os.path.join(out_dir, f))
+  if markers:
+    logging.info('Resuming: %d of %d shards already done, %d to build.', len(markers),
+                 len(tasks), len(todo))
+  start = time.time()
+  todo_items = sum(len(t.items) for t in todo)
+  for marker in _run_tasks(converter, out_dir, todo, workers, strict):
+    markers[f'{marker["split"]}-{marker["index"]:05d}'] = marker
+  seconds = time.time() - start
+  run_info = {'shards_built': len(todo), 'shards_reused': len(tasks) - len(todo),
+              'items_processed': todo_items, 'seconds': round(seconds, 3),
+              'items_per_second': round(todo_items / seconds, 3) if seconds > 0 else None,
+              'workers': workers}
+  summary = _write_reports(out_dir, converter, tasks, markers, run_info)
+  _write_metadata(out_dir, converter, tasks, markers, description)
+  return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line.
+
+
+def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
+  """Options every converter takes."""
+  parser.add_argument('--out', required=True, help='Output TFDS directory.')
+  parser.add_argument('--examples-per-shard', type=int, default=64,
+                      help='Items per TFRecord shard (also the unit of work and of resume).')
+  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+                      help='Worker processes (default: all cores); 1 runs inline.')
+  parser.add_argument('--strict', action='store_true',
+                      help='Fail on the first bad input (naming file and problem) '
+                           'instead of skipping it.')
+  parser.add_argument('--limit', type=int, default=None,
+                      help='Only the first N items (sorted), for trials.')
+  parser.add_argument('--grid-tolerance-px', type=float, default=0.5,
+                      help='Largest allowed bounds offset between co-registered files, '
+                           'in 10 m pixels.')
+  parser.add_argument('--overwrite', action='store_true',
+                      help='Discard an earlier conversion in --out made with other arguments.')
+
+
+def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],
+             args: argparse.Namespace) -> dict[str, Any]:
+  """Runs a converter, turning expected failures into a one-line error and exit status 1."""
+  try:
+    summary = run(args)
+  except BadInput as err:
+    raise SystemExit(f'error (--strict): {err.path}: {err.reason}') from None
+  except ConversionError as err:
+    raise SystemExit(f'error: {err}') from None
+  total = summary['total']
+  logging.info('Converted %d, skipped %d (see %s); %s', total.get('converted', 0),
+               total.get('skipped', 0), os.path.join(args.out, REJECTS_FILE),
+               json.dumps(summary['splits'], sort_keys=True))
+  if not total.get('converted'):
+    raise SystemExit(f'error: every item was rejected; see {os.path.join(args.out, REJECTS_FILE)}')
+  return summary
