@@ -81,11 +81,16 @@ def ramp(epoch: Array | float, kind: str, length: int) -> Array:
 
 
 def keep_ratio(epoch: Array | float, cfg: ml_collections.ConfigDict) -> Array:
-  """k(e) = 1 - r(e) (1 - q) during the ramp, q after it."""
+  """k(e) = 1 - r(e) (1 - q) during the ramp, q after it.
+
+  Written as q + (1 - r)(1 - q): the same value, but exactly q in float32 once r = 1, as the
+  reference's float64 arithmetic gives (1 - (1 - 0.3) is 0.29999998 in float32, which would
+  change floor(n_c k) at the end of the ramp).
+  """
   r = ramp(epoch, cfg.ramp, cfg.ramp_epochs)
   q = jnp.float32(cfg.keep_ratio)
   in_ramp = jnp.asarray(epoch, jnp.float32) <= cfg.ramp_epochs
-  return jnp.where(in_ramp, 1.0 - r * (1.0 - q), q)
+  return jnp.where(in_ramp, q + (1.0 - r) * (1.0 - q), q)
 
 
 def consistency_weights(conf: Array, epoch: Array | float,

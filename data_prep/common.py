@@ -111,7 +111,8 @@ def read_raster(path: str, *, count: int, native_shape: tuple[int, int],
   except BadInput:
     raise
   except Exception as err:  # pylint: disable=broad-except
-    raise BadInput(path, f'unreadable: {type(err).__name__}: {err}') from None
+    cause = f' ({err.__cause__})' if err.__cause__ else ''  # GDAL's own message, if chained.
+    raise BadInput(path, f'unreadable: {type(err).__name__}: {err}{cause}') from None
   return data, info
 
 
@@ -179,7 +180,8 @@ class Converter(abc.ABC):
   """One dataset's per-item conversion. Instances are pickled once to each worker process."""
 
   name: str  # TFDS dataset name, also the shard file prefix.
-  unit: str = 'item'
+  unit: str = 'item'  # Progress-bar unit.
+  counter_names: tuple[str, ...] = ()  # Always reported in the summary, even when 0.
 
   @abc.abstractmethod
   def features(self) -> Any:
@@ -283,7 +285,10 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
     for item in task.items:
       try:
         example, item_counters = converter.convert(item)
-        writer.write(features.serialize_example(example))
+        # Re-serialised with sorted map keys: bytes independent of the process's hash seed,
+        # so a resumed shard is identical to the one an uninterrupted run writes.
+        writer.write(tf.train.Example.FromString(features.serialize_example(example))
+                     .SerializeToString(deterministic=True))
         counters.update(item_counters)
         converted += 1
       except BadInput as err:
@@ -390,6 +395,8 @@ def _run_tasks(converter: Converter, out_dir: str, todo: list[ShardTask], worker
 
   total = sum(len(t.items) for t in todo)
   markers = []
+  if not todo:
+    return markers
   with tqdm(total=total, unit=converter.unit, desc=converter.name, dynamic_ncols=True,
             smoothing=0.05) as bar:
     if workers <= 1 or len(todo) <= 1:
@@ -420,15 +427,16 @@ def _run_tasks(converter: Converter, out_dir: str, todo: list[ShardTask], worker
 
 
 def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
-                   markers: Mapping[str, dict[str, Any]], run_info: dict[str, Any]
-                   ) -> dict[str, Any]:
+                   markers: Mapping[str, dict[str, Any]], fingerprint: Mapping[str, Any],
+                   run_info: dict[str, Any]) -> dict[str, Any]:
   """rejects.csv and conversion_summary.json, from the markers of all shards (old and new)."""
   splits: dict[str, dict[str, Any]] = {}
   kinds: collections.Counter = collections.Counter()
   rows = []
   for task in tasks:
     marker = markers[task.key]
-    entry = splits.setdefault(task.split, collections.Counter())
+    entry = splits.setdefault(task.split,
+                              collections.Counter(dict.fromkeys(converter.counter_names, 0)))
     entry.update({'planned': marker['planned'], 'converted': marker['num_examples'],
                   'skipped': len(marker['rejects']), 'shards': 1,
                   'num_bytes': marker['num_bytes']})
@@ -446,32 +454,53 @@ def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
     total.update(entry)
   summary = {'dataset': converter.name, 'splits': {k: dict(v) for k, v in splits.items()},
              'total': dict(total), 'reject_kinds': dict(sorted(kinds.items())),
-             'arguments': converter.fingerprint(), 'this_run': run_info}
+             'arguments': dict(fingerprint), 'this_run': run_info}
   _atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
   return summary
 
 
 def _write_metadata(out_dir: str, converter: Converter, tasks: list[ShardTask],
                     markers: Mapping[str, dict[str, Any]], description: str) -> None:
+  """dataset_info.json + features.json, as tfds.folder_dataset.write_metadata writes them.
+
+  Written by hand because that helper insists on listing every split that has shard files,
+  and TFDS cannot read a split without examples: a split whose items were all rejected is
+  left out of the metadata (its empty shards stay on disk for resume), with a warning.
+  """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=tfds.core.Path(out_dir), template=FILENAME_TEMPLATE,
+      dataset_name=converter.name, filetype_suffix='tfrecord')
   split_infos = []
   for split in dict.fromkeys(t.split for t in tasks):
     shard_markers = [markers[t.key] for t in tasks if t.split == split]
+    lengths = [m['num_examples'] for m in shard_markers]
+    if not sum(lengths):
+      logging.warning('Split %r has no example (all rejected): left out of the metadata.', split)
+      continue
     split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=[m['num_examples'] for m in shard_markers],
-        num_bytes=sum(m['num_bytes'] for m in shard_markers)))
-  tfds.folder_dataset.write_metadata(
-      data_dir=out_dir, features=converter.features(), split_infos=split_infos,
-      filename_template=FILENAME_TEMPLATE, check_data=False, description=description)
+        name=split, shard_lengths=lengths, num_bytes=sum(m['num_bytes'] for m in shard_markers),
+        filename_template=template.replace(split=split)))
+  if not split_infos:
+    return
+  identity = tfds.core.DatasetIdentity(name=converter.name, version=tfds.core.Version('1.0.0'),
+                                       data_dir=out_dir, module_name='')
+  info = tfds.core.DatasetInfo(builder=identity, features=converter.features(),
+                               description=description)
+  info.set_file_format(tfds.core.FileFormat.TFRECORD)
+  info.set_splits(tfds.core.SplitDict(split_infos))
+  info.write_to_directory(out_dir)
 
 
 def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], out_dir: str, *,
                    examples_per_shard: int, workers: int, strict: bool = False,
-                   overwrite: bool = False, description: str = '') -> dict[str, Any]:
+                   overwrite: bool = False, plan_args: Mapping[str, Any] | None = None,
+                   description: str = '') -> dict[str, Any]:
   """Converts `splits` (split -> sorted items) into a TFDS directory; returns the summary.
 
   Resumable: shards already done (by the same plan) are kept; only the rest is built.
+  `plan_args` are the arguments that shaped `splits` (seed, limit, ...): part of the fingerprint.
   """
   if examples_per_shard < 1:
     raise ConversionError('--examples-per-shard must be >= 1')
@@ -480,8 +509,10 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
   if not tasks:
     raise ConversionError('nothing to convert: no input items were found')
   items_blob = json.dumps(splits, sort_keys=True).encode()
+  fingerprint = dict(converter.fingerprint(), **(plan_args or {}),
+                     examples_per_shard=examples_per_shard)
   plan = {'format_version': PLAN_FORMAT_VERSION, 'dataset': converter.name,
-          'fingerprint': dict(converter.fingerprint(), examples_per_shard=examples_per_shard),
+          'fingerprint': fingerprint,
           'num_items': sum(len(v) for v in splits.values()),
           'items_sha256': hashlib.sha256(items_blob).hexdigest(),
           'shards': [{'split': t.split, 'index': t.index, 'num_shards': t.num_shards,
@@ -502,6 +533,9 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
   if markers:
     logging.info('Resuming: %d of %d shards already done, %d to build.', len(markers),
                  len(tasks), len(todo))
+  if todo:
+    logging.info('Building %d shards with %d worker(s).', len(todo),
+                 max(1, min(workers, len(todo))))
   start = time.time()
   todo_items = sum(len(t.items) for t in todo)
   for marker in _run_tasks(converter, out_dir, todo, workers, strict):
@@ -511,7 +545,7 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
               'items_processed': todo_items, 'seconds': round(seconds, 3),
               'items_per_second': round(todo_items / seconds, 3) if seconds > 0 else None,
               'workers': workers}
-  summary = _write_reports(out_dir, converter, tasks, markers, run_info)
+  summary = _write_reports(out_dir, converter, tasks, markers, fingerprint, run_info)
   _write_metadata(out_dir, converter, tasks, markers, description)
   return summary
 
@@ -525,7 +559,7 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument('--out', required=True, help='Output TFDS directory.')
   parser.add_argument('--examples-per-shard', type=int, default=64,
                       help='Items per TFRecord shard (also the unit of work and of resume).')
-  parser.add_argument('--workers', type=int, default=os.cpu_count() or 1,
+  parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)),
                       help='Worker processes (default: all cores); 1 runs inline.')
   parser.add_argument('--strict', action='store_true',
                       help='Fail on the first bad input (naming file and problem) '

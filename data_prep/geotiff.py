@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import uuid
 from typing import Iterator, Sequence
 
 import numpy as np
@@ -35,8 +35,8 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
   path = os.fspath(path)
   folder = os.path.dirname(path) or '.'
   os.makedirs(folder, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(prefix='.' + os.path.basename(path) + '.', suffix='.tmp', dir=folder)
-  os.close(fd)
+  # Not mkstemp: its 0600 mode would stick to the result; this name is unique per process/call.
+  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
   try:
     yield tmp
     os.replace(tmp, path)

@@ -118,7 +118,7 @@ def folders(tmp_path_factory):
   out['dfc'] = _write(os.path.join(root, 'dfc'), 'dfc2020', _dfc_features(13),
                       {'validation': dfc_train, 'test': dfc_test})
   out['dfc9'] = _write(os.path.join(root, 'dfc9'), 'dfc2020', _dfc_features(9),
-                       {'validation': [[_dfc_example(i, 9) for i in range(4)]],
+                       {'validation': [[_dfc_example(i, 9) for i in range(8)]],
                         'test': [[_dfc_example(9, 9)]]})
   return out
 
@@ -177,13 +177,16 @@ def test_keys_shapes_dtypes_and_info(folders):
   assert ip.steps_per_epoch(config, 24) == 5
 
 
-def test_rotation_transform_matches_rot90():
-  x = tf.reshape(tf.range(36, dtype=tf.int32), [6, 6, 1])
-  for turns in (1, 2, 3):
-    transform = ip._rotation_transform(tf.constant(turns * math.pi / 2), 6)
-    rotated = ip._rotate(x, transform, 'NEAREST')
-    # One of the two senses; the angle distribution is symmetric, so either is fine.
-    assert any(np.array_equal(rotated, tf.image.rot90(x, k)) for k in (turns, 4 - turns))
+def test_quarter_turns_of_free_rotation_are_exact():
+  x = tf.constant(np.random.default_rng(0).integers(0, 256, (6, 6, 3)).astype(np.uint8))
+  for turns in (-1, 1):
+    angle = tf.constant(turns * math.pi / 2)
+    for rotate in (ip._rotate_nearest, ip._rotate_bilinear):
+      rotated = rotate(x, angle).numpy()
+      # One of the two senses; the angle distribution is symmetric, so either is fine.
+      assert any(np.array_equal(rotated, tf.image.rot90(x, k)) for k in (1, 3))
+  small = ip._rotate_bilinear(tf.fill([8, 8, 2], tf.constant(77, tf.uint8)), tf.constant(0.3))
+  np.testing.assert_array_equal(small, 77)   # mirrored borders: no fill value blended in
 
 
 def _dihedral_crops(image: np.ndarray, crop: int) -> list[np.ndarray]:
@@ -258,8 +261,10 @@ def test_same_seed_same_batches_whatever_the_parallelism(folders):
   assert not np.array_equal(a[0]['s1'], c[0]['s1'])
 
 
-def test_resume_equals_uninterrupted_run(folders):
-  config = _config(folders['pretrain'])
+@pytest.mark.parametrize('cache,steps', [(False, -1), (True, -1), (False, 5)])
+def test_resume_equals_uninterrupted_run(folders, cache, steps):
+  config = _config(folders['pretrain'], cache=cache)
+  config.training.steps_per_epoch = steps   # 5: each host repeats its 12 examples in an epoch
   full = _take(ip.create_pretrain_iterator(config, process_index=1, process_count=2,
                                            with_ids=True), 7)
   for start in (1, 3, 4):
@@ -269,10 +274,11 @@ def test_resume_equals_uninterrupted_run(folders):
   finite = list(ip.create_pretrain_iterator(config, start_step=2, num_steps=3, process_index=1,
                                             process_count=2, with_ids=True))
   _assert_batches_equal(full[2:5], finite)
-  # A new epoch (3 steps each) visits the examples in a new order.
-  epoch0 = np.concatenate([b['location_id'] for b in full[:3]])
-  epoch1 = np.concatenate([b['location_id'] for b in full[3:6]])
-  assert not np.array_equal(epoch0, epoch1)
+  # A new epoch visits the examples in a new order.
+  if steps == -1:
+    epoch0 = np.concatenate([b['location_id'] for b in full[:3]])
+    epoch1 = np.concatenate([b['location_id'] for b in full[3:6]])
+    assert not np.array_equal(epoch0, epoch1)
 
 
 def test_two_hosts_split_train_data(folders):

@@ -329,10 +329,21 @@ def test_matches_reference_without_prior(factors):
 
 
 def test_matches_reference_other_shapes():
+  """Another batch shape (under jit: one compile instead of eager per-op compiles)."""
   cfg = obj_cfg(confidence='gini', seg_losses=('ce', 'dice', 'focal'))
   z1, z2, labels, prior = make_inputs(seed=11, b=3, h=8, w=24, scale=1.0)
+  jitted = jax.jit(lambda a, b, y, p, e: objective.cromss_loss(a, b, y, p, e, cfg))
   for epoch in (5, 79, 81):
-    check_against_reference(z1, z2, labels, prior, epoch, cfg)
+    loss, aux = jitted(jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(labels), jnp.asarray(prior),
+                       jnp.asarray(epoch, jnp.int32))
+    ref_loss, ref_aux = ref_cromss(z1, z2, labels, prior, epoch, cfg)
+    for k in WEIGHT_KEYS:
+      np.testing.assert_allclose(np.asarray(aux[k], np.float64), ref_aux[k], rtol=RTOL,
+                                 atol=W_ATOL, err_msg=f'{k} epoch={epoch}')
+    for k in ('seg_loss', 'cons_loss'):
+      np.testing.assert_allclose(float(aux[k]), ref_aux[k], rtol=RTOL, atol=ATOL,
+                                 err_msg=f'{k} epoch={epoch}')
+    np.testing.assert_allclose(float(loss), ref_loss, rtol=RTOL, atol=ATOL)
 
 
 def test_reference_is_sensitive():
@@ -518,12 +529,9 @@ def test_keep_ratio_zero_gives_label_confidence():
 
 
 def test_zero_weight_sum_gives_zero_term():
-  """All label weights 0 (every class has a single pixel at k = 0.5): CE term 0, not NaN."""
-  cfg = obj_cfg(seg_losses=('ce',), consistency='none')
-  rng = np.random.default_rng(93)
-  z1 = (rng.normal(size=(1, 3, 3, 9)) * 3).astype(np.float32)
-  z2 = (rng.normal(size=(1, 3, 3, 9)) * 3).astype(np.float32)
-  labels = np.arange(9, dtype=np.int32).reshape(1, 3, 3)
+  """All label weights 0 (every class has m = floor(n_c * 0.001) = 0): CE term 0, not NaN."""
+  cfg = obj_cfg(seg_losses=('ce',), consistency='none', keep_ratio=0.001)
+  z1, z2, labels, _ = make_inputs(seed=93)
   loss, aux = run_impl(z1, z2, labels, None, 120, cfg)
   assert np.all(aux['seg_weights_s1'] == 0)
   assert loss == 0.0
@@ -586,11 +594,10 @@ def test_gradients_finite_including_extreme_logits():
   e1 = rng.choice([-1e4, 1e4], size=z1.shape).astype(np.float32)
   e2 = rng.choice([-1e4, 0.0, 1e4], size=z1.shape).astype(np.float32)
   e1[0, 0] = 0.0                 # and some uniform pixels
-  for epoch in (0, 120):
-    for kind in ('ce', 'kl', 'mse'):
-      for g in _grads(e1, e2, labels, prior, epoch, obj_cfg(consistency=kind,
-                                                           seg_losses=('ce', 'dice', 'focal'))):
-        assert np.all(np.isfinite(np.asarray(g))), (epoch, kind)
+  for epoch, kind in ((0, 'ce'), (120, 'ce'), (120, 'kl'), (120, 'mse')):
+    for g in _grads(e1, e2, labels, prior, epoch, obj_cfg(consistency=kind,
+                                                         seg_losses=('ce', 'dice', 'focal'))):
+      assert np.all(np.isfinite(np.asarray(g))), (epoch, kind)
 
 
 @pytest.mark.parametrize('key', WEIGHT_KEYS)
@@ -611,7 +618,7 @@ def test_weights_carry_no_gradient(key):
 def test_gradient_matches_reference_directional_derivative(overrides):
   """d loss / d logits with weights and the teacher distribution under stop-gradient."""
   cfg = obj_cfg(**overrides)
-  z1, z2, labels, prior = make_inputs(seed=131, h=8, w=8, scale=2.0)
+  z1, z2, labels, prior = make_inputs(seed=131, scale=2.0)
   epoch = 37
   g1, g2 = (np.asarray(g, np.float64) for g in _grads(z1, z2, labels, prior, epoch, cfg))
   rng = np.random.default_rng(132)
@@ -741,3 +748,23 @@ def test_objective_entry_point_rejects_bad_config():
   with pytest.raises(config_validation.ConfigError, match='objective.consistency'):
     objective.cromss_loss(jnp.asarray(z1), jnp.asarray(z2), jnp.asarray(labels),
                           jnp.asarray(prior), 0, cfg)
+
+
+def test_keep_ratio_is_exact_at_the_end_of_the_ramp():
+  """q = 0.2 at e = L must keep floor(5 * 0.2) = 1 pixel of a 5-pixel class, not 0.
+
+  In float32, 1 - r (1 - q) is 0.19999999 for r = 1; the reference (float64) gets 0.2.
+  """
+  cfg = get_config().objective
+  cfg.keep_ratio = 0.2
+  cfg.label_smoothing = False
+  labels = np.zeros((1, 1, 5), np.int32)
+  # Label confidences strictly decreasing along the row: the largest is the threshold.
+  logits = np.zeros((1, 1, 5, cfg.num_classes), np.float32)
+  logits[0, 0, :, 0] = np.linspace(5.0, 0.5, 5)
+  _, aux = objective.cromss_loss(jnp.asarray(logits), jnp.asarray(logits), jnp.asarray(labels),
+                                 None, jnp.float32(cfg.ramp_epochs), cfg)
+  weights = np.asarray(aux['seg_weights_s1'])[0, 0]
+  assert float(aux['keep_ratio']) == np.float32(0.2)
+  assert weights[0] == 1.0
+  assert np.all((weights[1:] > 0) & (weights[1:] < 1.0))

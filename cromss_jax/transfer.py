@@ -1,0 +1,232 @@
+"""Transfer of one pretrained encoder to DFC2020 segmentation (SPEC §6).
+
+`run(config, workdir)` (called by `main.py` for configs with a `transfer` section) builds a
+`train.Task` and hands it to the shared loop `train.train_and_evaluate`: the same compiled step,
+checkpoints, resume and summaries as pretraining. The task: one exported encoder (or a random
+one) + a new decoder (`models.decoders`), CE + Dice over labelled pixels only (the ignore label
+adds nothing), Adam with a cosine schedule (from the config), the encoder frozen (no updates,
+inference-mode BatchNorm) or fine-tuned; every epoch the FULL test split is evaluated. After
+training, the final model is evaluated once more and `metrics.json`, `metrics.md` and
+`confusion_matrix.png` are written to the workdir (`evaluate.py` does the same for any saved
+checkpoint).
+
+The pretrained encoder is put into the variables by the task's `apply_init`, i.e. only in the
+freshly initialised state; a resumed run overwrites that state with its checkpoint.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import logging
+
+from cromss_jax import constants
+from cromss_jax import evaluate
+from cromss_jax import export
+from cromss_jax import input_pipeline
+from cromss_jax import models
+from cromss_jax import sharding
+from cromss_jax import train
+from cromss_jax.config_validation import ConfigError, validate_pretrain_config
+from cromss_jax.models import decoders
+
+MODALITIES = ('s1', 's2')
+
+
+def validate_transfer_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ConfigError naming the first transfer setting that cannot work."""
+  validate_pretrain_config(config)
+  t = config.transfer
+  if t.decoder not in decoders.DECODERS:
+    raise ConfigError(f'config.transfer.decoder={t.decoder!r} is not allowed; expected one of '
+                      f'{", ".join(map(repr, decoders.DECODERS))}.')
+  if t.modality not in MODALITIES:
+    raise ConfigError(f'config.transfer.modality={t.modality!r} is not allowed; expected '
+                      "'s1' or 's2'.")
+  if not isinstance(t.freeze_encoder, bool):
+    raise ConfigError(f'config.transfer.freeze_encoder={t.freeze_encoder!r} is not allowed; '
+                      'expected True or False.')
+  if not isinstance(t.encoder_path, str) or not t.encoder_path:
+    raise ConfigError("config.transfer.encoder_path must be an exported encoder folder "
+                      "(EXPORT/encoder_s2) or 'random'.")
+  if not isinstance(t.ignore_label, int) or 0 <= t.ignore_label < config.objective.num_classes:
+    raise ConfigError(f'config.transfer.ignore_label={t.ignore_label!r} is not allowed; expected '
+                      f'an integer outside the classes 0..{config.objective.num_classes - 1}.')
+
+
+# ----------------------------------------------------------------------------------------------
+# Pretrained encoders
+# ----------------------------------------------------------------------------------------------
+def load_pretrained_encoder(config: ml_collections.ConfigDict) -> dict[str, Any] | None:
+  """The exported encoder's variables (numpy), after checking it fits the config; None = random.
+
+  The export's JSON must say: an encoder (not a whole model), of config.transfer.modality, of
+  config.model.encoder, and (S2) with exactly the bands of config.data.s2_bands, in order.
+  """
+  path = config.transfer.encoder_path
+  if path == 'random':
+    return None
+  variables, meta = export.load_exported(os.path.expanduser(path))
+  where = f'{path} (config.transfer.encoder_path)'
+  if meta.get('kind') != 'encoder':
+    raise ValueError(f'{where} is a {meta.get("kind")!r} export, not an encoder; use the '
+                     'encoder_s1 or encoder_s2 folder of the export.')
+  modality = config.transfer.modality
+  if meta.get('modality') != modality:
+    raise ValueError(f'{where} is the {meta.get("modality")!r} encoder but '
+                     f'config.transfer.modality={modality!r}; use encoder_{modality} or set '
+                     f'--config.transfer.modality={meta.get("modality")}.')
+  if meta.get('encoder') != config.model.encoder:
+    raise ValueError(f'{where} is a {meta.get("encoder")} but config.model.encoder='
+                     f'{config.model.encoder!r}; set --config.model.encoder='
+                     f'{meta.get("encoder")}.')
+  expected = export.band_metadata(modality, config.data.s2_bands)['bands']
+  if list(meta.get('bands', [])) != list(expected):
+    hint = (f' Set --config.data.s2_bands={len(meta.get("bands", []))}.'
+            if modality == 's2' and len(meta.get('bands', [])) in constants.S2_BAND_SUBSETS
+            else '')
+    raise ValueError(f'{where} was pretrained on the bands {meta.get("bands")} but this '
+                     f'transfer feeds {expected} (config.data.s2_bands='
+                     f'{config.data.s2_bands}).{hint}')
+  logging.info('Pretrained %s encoder (%s) from %s, step %s.', modality, meta.get('encoder'),
+               path, meta.get('source_step'))
+  return variables
+
+
+def insert_pretrained_encoder(variables: dict[str, Any],
+                              encoder_variables: dict[str, Any]) -> dict[str, Any]:
+  """Variables with the 'encoder' subtree replaced by `encoder_variables` (shapes checked)."""
+  # models.insert_encoder does the structure and shape checks on a two-branch layout.
+  wrapped = {c: {'encoder_s2': tree['encoder']} for c, tree in variables.items()
+             if 'encoder' in tree}
+  try:
+    merged = models.insert_encoder(wrapped, encoder_variables, 's2')
+  except ValueError as err:
+    raise ValueError(f'The exported encoder does not fit the transfer model: {err}') from None
+  out = {c: dict(tree) for c, tree in variables.items()}
+  for collection, tree in merged.items():
+    out[collection]['encoder'] = jax.tree.map(
+        lambda new, old: jnp.asarray(new, old.dtype), tree['encoder_s2'],
+        variables[collection]['encoder'])
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The task
+# ----------------------------------------------------------------------------------------------
+def make_loss_fn(model: decoders.TransferModel, config: ml_collections.ConfigDict) -> train.LossFn:
+  """loss_fn(params, batch_stats, batch, epoch, rng) of the train.Task contract."""
+  modality = config.transfer.modality
+  num_classes = int(config.objective.num_classes)
+  ignore = int(config.transfer.ignore_label)
+  losses = tuple(config.objective.seg_losses)
+  unused = decoders.unused_encoder_stages(model.decoder)
+
+  def loss_fn(params, batch_stats, batch, epoch, rng):
+    del epoch
+    logits, updates = model.apply(
+        {'params': params, 'batch_stats': batch_stats}, evaluate.unit_float(batch[modality]),
+        train=True, mutable=['batch_stats'], rngs={'dropout': rng})
+    new_batch_stats = updates['batch_stats']
+    if unused and not model.freeze_encoder:
+      # Stages the decoder never reads keep their statistics (as if absent, like smp), which
+      # also lets XLA drop their forward pass.
+      encoder_stats = dict(new_batch_stats['encoder'])
+      encoder_stats.update({k: batch_stats['encoder'][k] for k in unused
+                            if k in batch_stats['encoder']})
+      new_batch_stats = dict(new_batch_stats, encoder=encoder_stats)
+    labels = batch['label']
+    loss = evaluate.masked_segmentation_loss(logits, labels, num_classes, losses, ignore)
+    valid = evaluate.valid_pixels(labels, num_classes, ignore)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) & valid)
+    step_metrics = {'train_acc': correct / jnp.maximum(jnp.sum(valid), 1),
+                    'labelled_share': jnp.mean(valid.astype(jnp.float32))}
+    return loss, (new_batch_stats, step_metrics)
+
+  return loss_fn
+
+
+def trainable_fn(config: ml_collections.ConfigDict):
+  """Which parameter paths the optimiser updates; None = all of them."""
+  unused = decoders.unused_encoder_stages(config.transfer.decoder)
+  freeze = bool(config.transfer.freeze_encoder)
+  if not freeze and not unused:
+    return None
+
+  def trainable(path: tuple[str, ...]) -> bool:
+    if not path or path[0] != 'encoder':
+      return True
+    return not freeze and (len(path) < 2 or path[1] not in unused)
+
+  return trainable
+
+
+def create_transfer_task(config: ml_collections.ConfigDict) -> train.Task:
+  """The train.Task of one transfer run (DFC2020-style TFDS data, see docs/DESIGN.md)."""
+  validate_transfer_config(config)
+  data = config.data
+  info = input_pipeline.downstream_info(config, train_split=data.train_split,
+                                        eval_split=data.test_split)
+  if info.num_eval_examples == 0:
+    raise ValueError(f'{info.dataset_dir} has no split {data.test_split!r} '
+                     '(config.data.test_split) to evaluate on.')
+  modality = config.transfer.modality
+  channels = decoders.input_channels(config)
+  stored = info.s1_channels if modality == 's1' else info.s2_channels
+  if stored != channels:
+    raise ValueError(f'The {modality} encoder needs {channels} channels but '
+                     f'{info.dataset_dir} gives {stored}.')
+  model = decoders.build_transfer_model(config)
+  pretrained = load_pretrained_encoder(config)
+  crop = data.crop_size
+
+  def init_batch() -> dict[str, np.ndarray]:
+    return {modality: np.zeros((1, crop, crop, channels), np.uint8)}
+
+  def apply_init(module, rng, batch):
+    variables = module.init({'params': rng}, evaluate.unit_float(batch[modality]), train=False)
+    variables = {k: dict(v) for k, v in variables.items()}
+    if pretrained is not None:
+      variables = insert_pretrained_encoder(variables, pretrained)
+    return variables
+
+  def batches(split: str, train_mode: bool, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
+    return evaluate.model_batches(config, input_pipeline.create_downstream_iterator(
+        config, split, train=train_mode, start_step=start))
+
+  names = evaluate.class_names(config)
+  return train.Task(
+      name='transfer', model=model, init_batch=init_batch, apply_init=apply_init,
+      loss_fn=make_loss_fn(model, config), eval_fn=evaluate.make_eval_fn(model, config),
+      summarise=evaluate.summarise,
+      train_iterator=lambda start: batches(data.train_split, True, start),
+      eval_iterator=lambda: batches(data.test_split, False),
+      steps_per_epoch=info.steps_per_epoch,
+      global_batch_size=config.training.global_batch_size,
+      trainable=trainable_fn(config),
+      export_meta={'transfer': {
+          'modality': modality, 'decoder': config.transfer.decoder,
+          'encoder': config.model.encoder, 'freeze_encoder': bool(config.transfer.freeze_encoder),
+          'encoder_path': config.transfer.encoder_path, 'classes': list(names),
+          'bands': export.band_metadata(modality, data.s2_bands)}})
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) a transfer run, then writes the final test-split report."""
+  task = create_transfer_task(config)
+  logging.info('Transfer: %s, %d steps/epoch, %d epochs.', evaluate.run_name(config),
+               task.steps_per_epoch, config.training.num_epochs)
+  state = train.train_and_evaluate(config, workdir, task)
+  mesh = sharding.create_mesh(config)
+  scores = evaluate.evaluate(config, task.model,
+                             {'params': state.params, 'batch_stats': state.batch_stats},
+                             config.data.test_split, mesh)
+  if jax.process_index() == 0:
+    paths = evaluate.write_report(workdir, scores, config, step=int(jax.device_get(state.step)))
+    logging.info('Final %s: mIoU %.2f  OA %.2f  AA %.2f  mF1 %.2f -> %s', config.data.test_split,
+                 scores['miou'], scores['oa'], scores['aa'], scores['mf1'], paths['md'])
+  return scores
