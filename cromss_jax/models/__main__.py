@@ -25,11 +25,6 @@ from ml_collections import config_flags
 
 from cromss_jax.models.fusion import build_pretrain_model
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Pretraining config file.',
-                                          lock_config=True)
-_DEPTH = flags.DEFINE_integer('depth', 2, 'Module nesting depth shown in the table.')
-
-
 def _count(tree: Any) -> int:
   return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
 
@@ -110,9 +105,17 @@ def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
   logging.set_verbosity(logging.WARNING)  # hide JAX's backend probing (e.g. libtpu) on stderr
-  print(summarize(_CONFIG.value, _DEPTH.value))
+  print(summarize(flags.FLAGS.config, flags.FLAGS.depth))
+
+
+def _define_flags() -> None:
+  """Flags are defined only when run as a program, so importing `summarize` (tests, other
+  tools) does not collide with other modules' --config flag."""
+  config_flags.DEFINE_config_file('config', None, 'Pretraining config file.', lock_config=True)
+  flags.DEFINE_integer('depth', 2, 'Module nesting depth shown in the table.')
+  flags.mark_flag_as_required('config')
 
 
 if __name__ == '__main__':
-  flags.mark_flag_as_required('config')
+  _define_flags()
   app.run(main)

@@ -4,6 +4,9 @@ Middle fusion: an S1 and an S2 encoder share ONE U-Net decoder + head, applied t
 separately. Late fusion: two complete U-Nets. Either way the model returns (logits_s1,
 logits_s2) and its variables (`params` and `batch_stats`) have only the top-level keys
 `encoder_s1`, `encoder_s2` and `decoder` (mid) or `decoder_s1`, `decoder_s2` (late).
+
+Under jit with the batch sharded over the mesh, BatchNorm statistics span the global batch,
+unlike the per-GPU statistics of the PyTorch DDP reference (see `resnet`).
 """
 from __future__ import annotations
 
