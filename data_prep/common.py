@@ -362,24 +362,25 @@ def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: boo
   state_dir = os.path.join(out_dir, STATE_DIR)
   plan_path = os.path.join(state_dir, 'plan.json')
   os.makedirs(out_dir, exist_ok=True)
+  old = None
   if os.path.exists(plan_path):
     with open(plan_path) as f:
       old = json.load(f)
-    if old != plan:
-      if not overwrite:
-        raise ConversionError(
-            f'{out_dir} holds a conversion made with other arguments or inputs '
-            f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
-            'or pass --overwrite to discard it and start over.')
+  if overwrite:
+    if old is not None or _own_output_files(out_dir, name):
       logging.warning('--overwrite: discarding the earlier conversion in %s', out_dir)
-      _remove_outputs(out_dir, old.get('dataset', name))
-  elif _own_output_files(out_dir, name) or any(
-      os.path.exists(os.path.join(out_dir, f)) for f in METADATA_FILES):
-    if not overwrite:
-      raise ConversionError(
-          f'{out_dir} already holds dataset files but no conversion state; '
-          'pass --overwrite to replace them, or choose another --out.')
+    if old is not None and old.get('dataset') != name:
+      _remove_outputs(out_dir, old.get('dataset'))
     _remove_outputs(out_dir, name)
+  elif old is not None and old != plan:
+    raise ConversionError(
+        f'{out_dir} holds a conversion made with other arguments or inputs '
+        f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
+        'or pass --overwrite to discard it and start over.')
+  elif old is None and _own_output_files(out_dir, name):
+    raise ConversionError(
+        f'{out_dir} already holds dataset files but no conversion state; '
+        'pass --overwrite to replace them, or choose another --out.')
   os.makedirs(state_dir, exist_ok=True)
   for f in os.listdir(state_dir):  # Leftovers of a killed run.
     if '.tmp-' in f:
@@ -570,7 +571,8 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
                       help='Largest allowed bounds offset between co-registered files, '
                            'in 10 m pixels.')
   parser.add_argument('--overwrite', action='store_true',
-                      help='Discard an earlier conversion in --out made with other arguments.')
+                      help='Discard what an earlier conversion left in --out and start over '
+                           '(without it, a re-run resumes, and refuses other arguments).')
 
 
 def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],

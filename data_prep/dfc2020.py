@@ -161,4 +161,5 @@ def _parse_flags(argv: Sequence[str]) -> argparse.Namespace:
 if __name__ == '__main__':
   # Run the importable module's main so that pickled objects name `data_prep.dfc2020`.
   from data_prep import dfc2020 as _dfc2020  # pylint: disable=g-import-not-at-top
-  app.run(_dfc2020._app_main, flags_parser=_dfc2020._parse_flags)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  app.run(_dfc2020._app_main, flags_parser=_dfc2020._parse_flags)

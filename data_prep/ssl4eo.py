@@ -304,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
   clean = parser.add_mutually_exclusive_group()
   clean.add_argument('--clean-labels', help='Optional clean label manifest CSV.')
   clean.add_argument('--clean-labels-pattern', help='Optional clean label path pattern.')
-  parser.add_argument('--val-fraction', type=float, default=0.01)
-  parser.add_argument('--seed', type=int, default=42)
+  parser.add_argument('--val-fraction', type=float, default=0.01,
+                      help='Share of locations held out as the validation split (>= 1 of them).')
+  parser.add_argument('--seed', type=int, default=42,
+                      help='Seed of the permutation that picks the validation locations.')
   parser.add_argument('--resampling', default='bilinear', choices=RESAMPLING_CHOICES,
                       help='rasterio Resampling used to bring 20/60 m bands onto the 10 m grid.')
   common.add_shared_arguments(parser)
@@ -440,4 +442,5 @@ class Ssl4eoS12Nol(tfds.core.GeneratorBasedBuilder,
 if __name__ == '__main__':
   # Run the importable module's main so that pickled objects name `data_prep.ssl4eo`.
   from data_prep import ssl4eo as _ssl4eo  # pylint: disable=g-import-not-at-top
-  app.run(_ssl4eo._app_main, flags_parser=_ssl4eo._parse_flags)  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  app.run(_ssl4eo._app_main, flags_parser=_ssl4eo._parse_flags)

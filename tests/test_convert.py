@@ -4,7 +4,6 @@ Expected values are recomputed in the test from rasterio reads and the SPEC §2.
 with the converters' own helpers.
 """
 import csv
-import json
 import os
 
 import numpy as np
