@@ -15,6 +15,9 @@ Guarantees:
   files as processes, else every n-th example); every host yields the same number of batches.
 * Evaluation iterators cover the split exactly once across hosts; the last batches are padded
   with repeated examples and `valid` (bool [b]) marks the real ones.
+* The sequence depends on the seed, process count, global batch, steps per epoch, shuffle buffer
+  and `config.data.cache` (which keeps each host's files fixed instead of redrawing them every
+  epoch, so the in-memory cache of serialized records can be reused).
 
 Augmentation (training only; SPEC §2.3): random season, random crop (centre crop for
 evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
@@ -479,9 +482,18 @@ def _downstream_element(source: _Source, aug: _Augment, with_ids: bool
 # Record streams (shared by both datasets).
 
 
+def _map(ds: tf.data.Dataset, fn: Callable[..., Any], **kwargs: Any) -> tf.data.Dataset:
+  """Dataset.map without AutoGraph: the element code is plain TF ops with explicit tf.cond."""
+  return ds.map(tf.autograph.experimental.do_not_convert(fn), **kwargs)
+
+
+def _read(path: tf.Tensor) -> tf.data.Dataset:
+  return tf.data.TFRecordDataset(path, buffer_size=256 << 10)
+
+
 def _interleave(files: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
-  return files.interleave(tf.data.TFRecordDataset, cycle_length=max(1, min(num_files, 16)),
-                          block_length=1, num_parallel_calls=_AUTOTUNE, deterministic=True)
+  return files.interleave(_read, cycle_length=max(1, min(num_files, 16)), block_length=1,
+                          num_parallel_calls=_AUTOTUNE, deterministic=True)
 
 
 def _int_seed(key: tf.Tensor, salt: int) -> tf.Tensor:
@@ -535,9 +547,10 @@ def _train_records(files: list[str], lengths: list[int], *, base_key: tf.Tensor,
     records = records.repeat().take(per_epoch).enumerate()
     skip = tf.where(tf.equal(epoch, start_epoch), tf.constant(offset * per_host_batch, tf.int64),
                     tf.constant(0, tf.int64))
-    return records.skip(skip).map(lambda index, record: (epoch, index, record))
+    return _map(records.skip(skip), lambda index, record: (epoch, index, record))
 
-  return tf.data.Dataset.counter(start=start_epoch).flat_map(epoch_records)
+  return tf.data.Dataset.counter(start=start_epoch).flat_map(
+      tf.autograph.experimental.do_not_convert(epoch_records))
 
 
 def _eval_records(files: list[str], lengths: list[int], *, per_host_batch: int,
@@ -551,8 +564,9 @@ def _eval_records(files: list[str], lengths: list[int], *, per_host_batch: int,
     records = records.shard(process_count, process_index)
   steps = max(1, math.ceil(max(counts) / per_host_batch))
   pad = steps * per_host_batch - counts[process_index]
-  filler = tf.data.TFRecordDataset(files[:1]).take(1).repeat(pad)
-  records = records.map(lambda r: (r, True)).concatenate(filler.map(lambda r: (r, False)))
+  filler = _read(files[0]).take(1).repeat(pad)
+  records = _map(records, lambda r: (r, True)).concatenate(
+      _map(filler, lambda r: (r, False)))
   return records, steps, counts[process_index]
 
 
@@ -597,7 +611,7 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
         key = tf.random.experimental.stateless_fold_in(key, value)
       return element_fn(decode(record), key, True)
 
-    ds = records.map(prepare, num_parallel_calls=parallel, deterministic=True)
+    ds = _map(records, prepare, num_parallel_calls=parallel, deterministic=True)
     if num_steps is not None:
       ds = ds.take(num_steps * phb)
     logging.info('%s/%s train stream: host %d/%d, %d examples in the split, %d steps/epoch of '
@@ -615,7 +629,7 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
       out['valid'] = valid
       return out
 
-    ds = records.map(prepare_eval, num_parallel_calls=parallel, deterministic=True)
+    ds = _map(records, prepare_eval, num_parallel_calls=parallel, deterministic=True)
     logging.info('%s/%s eval pass: host %d/%d, %d of %d examples in %d batches of %d.',
                  source.kind.name, split, process_index, process_count, host_count,
                  sum(lengths), eval_steps, phb)
