@@ -112,15 +112,18 @@ def model_batches(config: ml_collections.ConfigDict,
 
 
 def evaluate(config: ml_collections.ConfigDict, model: nn.Module, variables: Mapping[str, Any],
-             split: str, mesh: jax.sharding.Mesh | None = None) -> dict[str, Any]:
+             split: str, mesh: jax.sharding.Mesh | None = None,
+             eval_fn: Callable | None = None) -> dict[str, Any]:
   """Scores over the WHOLE split from one accumulated confusion matrix.
 
   `variables` must already live on `mesh` (e.g. a TrainState's, or `jax.device_put(...,
-  sharding.replicated(mesh))`). Returns metrics.scores_from_confusion's dict plus 'loss',
-  'confusion_matrix' (int64 [C, C], rows = reference) and 'split'.
+  sharding.replicated(mesh))`). `eval_fn` (default make_eval_fn(model, config)) may be passed
+  to reuse an already compiled one. Returns metrics.scores_from_confusion's dict plus 'loss',
+  'confusion_matrix' (int64 [C, C], rows = reference), 'split' and 'samples'.
   """
   mesh = sharding.create_mesh(config) if mesh is None else mesh
-  eval_step = jax.jit(make_eval_fn(model, config), out_shardings=sharding.replicated(mesh))
+  eval_fn = make_eval_fn(model, config) if eval_fn is None else eval_fn
+  eval_step = jax.jit(eval_fn, out_shardings=sharding.replicated(mesh))
   totals = None
   batches = input_pipeline.create_downstream_iterator(config, split, train=False)
   for host_batch in model_batches(config, batches):
@@ -187,7 +190,7 @@ def plot_confusion_matrix(matrix: np.ndarray, names: tuple[str, ...], title: str
   ax.set_title(title, fontsize=9)
   fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04, label='share of reference row')
   fig.tight_layout()
-  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png'))
+  _atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120, format='png', bbox_inches='tight'))
   plt.close(fig)
 
 

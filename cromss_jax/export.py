@@ -134,17 +134,17 @@ def load_exported(path: str) -> tuple[dict, dict]:
   return jax.tree.map(np.asarray, variables), meta
 
 
-_WORKDIR = flags.DEFINE_string('workdir', None, 'Pretraining workdir (with checkpoints/).')
-_OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
-
-
 def main(argv):
   del argv
-  paths = export_pretrained(_WORKDIR.value, _OUT.value)
+  flags_ = flags.FLAGS
+  paths = export_pretrained(flags_.workdir, flags_.out)
   for name, path in paths.items():
     print(f'{name}: {path}  (+ {os.path.basename(path)}.json)')
 
 
 if __name__ == '__main__':
+  # Defined here, not at import: other entry points (the demo) import this module.
+  flags.DEFINE_string('workdir', None, 'Pretraining workdir (with checkpoints/).')
+  flags.DEFINE_string('out', None, 'Export directory to write.')
   flags.mark_flags_as_required(['workdir', 'out'])
   app.run(main)

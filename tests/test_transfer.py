@@ -3,6 +3,7 @@
 Tiny everywhere (ResNet-18, 64x64 patches, batch 2) so the file runs in well under a minute on
 two CPU cores; shapes that need no numbers are checked with jax.eval_shape.
 """
+import importlib.util
 import json
 import os
 
@@ -20,7 +21,6 @@ from cromss_jax import constants
 from cromss_jax import evaluate
 from cromss_jax import export
 from cromss_jax import metrics as metrics_lib
-from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax import transfer
 from cromss_jax.models import ResNetEncoder
@@ -193,6 +193,7 @@ def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
   ignored = (labels == 255)[..., None]
   other = jnp.where(ignored, 50.0 * jnp.asarray(rng.normal(size=logits.shape)), logits)
 
+  @jax.jit
   def loss(z):
     return evaluate.masked_segmentation_loss(z, labels, NUM_CLASSES, ('ce', 'dice'), 255)
 
@@ -216,7 +217,7 @@ def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
   variables = model.init(jax.random.PRNGKey(0), x.astype(jnp.float32), train=False)
   eval_fn = evaluate.make_eval_fn(model, config)
   batch = {'s2': x, 'label': labels, 'valid': jnp.asarray([True, False])}
-  sums = eval_fn(variables['params'], {}, batch, 0)
+  sums = jax.jit(eval_fn)(variables['params'], {}, batch, 0)
   # Only the valid sample counts, and only its labelled pixels.
   assert int(sums['cm'].sum()) == int(jnp.sum(labels[0] != 255)) and float(sums['samples']) == 1
 
@@ -225,26 +226,28 @@ def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
 # Training pieces
 # ----------------------------------------------------------------------------------------------
 def _train_a_few_steps(config, steps=2):
+  """train.train_step on a hand-built TrainState (no init compile: numbers via eval_shape)."""
   model = decoders.build_transfer_model(config)
   channels = decoders.input_channels(config)
-  task = train.Task(
-      name='transfer', model=model,
-      init_batch=lambda: {'s2': np.zeros((1, TILE, TILE, channels), np.uint8)},
-      apply_init=lambda m, rng, b: m.init(rng, evaluate.unit_float(b['s2']), train=False),
-      loss_fn=transfer.make_loss_fn(model, config), eval_fn=None, summarise=None,
-      train_iterator=None, eval_iterator=None, steps_per_epoch=10, global_batch_size=2,
-      trainable=transfer.trainable_fn(config))
-  mesh = sharding.create_mesh(config)
-  tx = train.create_optimizer(config.optimizer, task.trainable)
-  plateau_tx = train.create_plateau(config)
-  state, _ = train.init_state(task, config, mesh, tx, plateau_tx)
+  abstract = jax.eval_shape(lambda: model.init(
+      jax.random.PRNGKey(0), jnp.zeros((1, TILE, TILE, channels)), train=False))
+  variables = _random_like(abstract, seed=1)
+  tx = train.create_optimizer(config.optimizer, transfer.trainable_fn(config))
+  params = jax.tree.map(jnp.asarray, variables['params'])
+  state = train.TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=jax.tree.map(jnp.asarray, variables['batch_stats']),
+      opt_state=tx.init(params), plateau=train.create_plateau(config).init(params),
+      rng=jax.random.PRNGKey(2), nonfinite_streak=jnp.zeros((), jnp.int32),
+      nonfinite_total=jnp.zeros((), jnp.int32))
   before = jax.device_get(state)
-  step = jax.jit(lambda s, b: train.train_step(s, b, loss_fn=task.loss_fn, tx=tx,
-                                               lr_fn=lambda _: 1e-2, steps_per_epoch=10))
+  step = jax.jit(lambda s, b: train.train_step(
+      s, b, loss_fn=transfer.make_loss_fn(model, config), tx=tx, lr_fn=lambda _: 1e-2,
+      steps_per_epoch=10))
   for i in range(steps):
-    example = _dfc_example(i)
-    batch = {'s2': np.stack([example['s2']] * 2), 'label': np.stack([example['label']] * 2)
-             .astype(np.int32)}
+    examples = [_dfc_example(2 * i), _dfc_example(2 * i + 1)]
+    batch = {'s2': np.stack([e['s2'] for e in examples]),
+             'label': np.stack([e['label'] for e in examples]).astype(np.int32)}
     state, metrics = step(state, batch)
     assert float(metrics['finite']) == 1.0
   return before, jax.device_get(state)
@@ -272,12 +275,14 @@ def test_frozen_encoder_unchanged_decoder_trains(freeze):
 # ----------------------------------------------------------------------------------------------
 # Pretrained encoders
 # ----------------------------------------------------------------------------------------------
-def test_exported_encoder_loads_exactly_and_mismatches_are_refused(dfc_dir, tmp_path):
+def test_exported_encoder_is_inserted_exactly_and_mismatches_are_refused(dfc_dir, tmp_path):
   path, exported = write_encoder_export(str(tmp_path))
   config = _config(dfc_dir, encoder_path=path, decoder='fpn')
-  task = transfer.create_transfer_task(config)
-  variables = jax.jit(lambda rng: task.apply_init(task.model, rng, task.init_batch()))(
-      jax.random.PRNGKey(3))
+  loaded = transfer.load_pretrained_encoder(config)
+  model = decoders.build_transfer_model(config)
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0),
+                                               jnp.zeros((1, TILE, TILE, 13)), train=False))
+  variables = transfer.insert_pretrained_encoder(_random_like(abstract, seed=5), loaded)
   for collection in ('params', 'batch_stats'):
     flat_exported = flax.traverse_util.flatten_dict(exported[collection])
     flat_loaded = flax.traverse_util.flatten_dict(variables[collection]['encoder'])
@@ -285,6 +290,10 @@ def test_exported_encoder_loads_exactly_and_mismatches_are_refused(dfc_dir, tmp_
     for key, value in flat_exported.items():
       np.testing.assert_array_equal(np.asarray(flat_loaded[key]), value, err_msg=str(key))
   assert 'decoder' in variables['params']
+  other, _ = write_encoder_export(str(tmp_path / 'r34'), encoder='resnet34')
+  with pytest.raises(ValueError, match='does not fit'):
+    transfer.insert_pretrained_encoder(_random_like(abstract, seed=5),
+                                       export.load_exported(other)[0])
 
   with pytest.raises(ValueError, match='modality'):
     transfer.load_pretrained_encoder(_config(dfc_dir, encoder_path=path, modality='s1'))
@@ -302,8 +311,11 @@ def test_exported_encoder_loads_exactly_and_mismatches_are_refused(dfc_dir, tmp_
     transfer.validate_transfer_config(_config(dfc_dir, decoder='segformer'))
 
 
-def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path):
-  path, _ = write_encoder_export(str(tmp_path))
+def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monkeypatch):
+  if importlib.util.find_spec('tensorboard') is None:
+    # tf.summary.scalar needs TensorBoard, which tensorflow-cpu does not pull in.
+    monkeypatch.setattr(train, '_write_summaries', lambda *args, **kwargs: None)
+  path, exported = write_encoder_export(str(tmp_path))
   workdir = str(tmp_path / 'run')
   config = _config(dfc_dir, encoder_path=path, decoder='pspnet', freeze_encoder=True)
   scores = transfer.run(config, workdir)
@@ -321,6 +333,15 @@ def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path):
     assert f.read(8) == b'\x89PNG\r\n\x1a\n'
   history = json.load(open(os.path.join(workdir, 'history.json')))
   assert history[-1]['miou'] == pytest.approx(scores['miou'], abs=1e-6)
+
+  # Through the real loop: the frozen encoder is still exactly the exported one.
+  state, _, _ = export.load_latest_checkpoint(workdir)
+  for collection in ('params', 'batch_stats'):
+    got = flax.traverse_util.flatten_dict(state[collection]['encoder'])
+    want = flax.traverse_util.flatten_dict(exported[collection])
+    assert got.keys() == want.keys()
+    for key in want:
+      np.testing.assert_array_equal(np.asarray(got[key]), want[key], err_msg=str(key))
 
   again, paths = evaluate.evaluate_workdir(workdir, out_dir=str(tmp_path / 'again'))
   np.testing.assert_array_equal(again['confusion_matrix'], report['confusion_matrix'])

@@ -251,22 +251,9 @@ class FPNDecoder(nn.Module):
     return layers.head(self.num_classes, (1, 1), name='head')(y)
 
 
-class _UNet(nn.Module):
-  """The pretraining U-Net decoder + head under the transfer decoder interface."""
-  num_classes: int
-  decoder_channels: Sequence[int] = (256, 128, 64, 32, 16)
-  dtype: Dtype = jnp.float32
-  param_dtype: Dtype = jnp.float32
-
-  @nn.compact
-  def __call__(self, features: Sequence[jax.Array], *, train: bool) -> jax.Array:
-    return UNetDecoder(self.num_classes, tuple(self.decoder_channels), dtype=self.dtype,
-                       param_dtype=self.param_dtype, name='unet')(features, train=train)
-
-
 _DECODER_CLASSES: Mapping[str, type[nn.Module]] = {
     'pspnet': PSPNetDecoder, 'deeplabv3plus': DeepLabV3PlusDecoder, 'fpn': FPNDecoder,
-    'unet': _UNet}
+    'unet': UNetDecoder}   # same variables as the pretraining decoder (+ head)
 
 
 # ----------------------------------------------------------------------------------------------
