@@ -9,7 +9,7 @@
 3. pretrains CromSS (configs/demo.py: ResNet-18, mid fusion, 128 px crops),
 4. exports the S1 and S2 encoders,
 5. transfers the S2 and S1 encoders and a random-init baseline to the demo DFC2020 set
-   (frozen encoders, U-Net decoder) and prints the metrics table,
+   (frozen encoders, PSPNet decoder) and prints the metrics table,
 6. writes a land-cover map of the demo scene with the pretrained network.
 Every stage resumes: rerunning the command skips what is complete.
 """
@@ -88,6 +88,47 @@ def export(workdir: str, out: str) -> dict[str, str]:
   return export_lib.export_pretrained(workdir, os.path.join(out, 'export'))
 
 
+def transfer_all(paths: dict[str, str], dfc_dir: str, out: str) -> dict[str, str]:
+  """Frozen-encoder transfer of each pretrained encoder and a random-init baseline."""
+  from configs import transfer as transfer_config
+  from cromss_jax import constants, metrics, transfer
+  runs = {'CromSS S2 encoder (frozen)': ('s2', paths['s2']),
+          'CromSS S1 encoder (frozen)': ('s1', paths['s1']),
+          'random init S2 (frozen)': ('s2', 'random')}
+  rows = {}
+  for name, (modality, encoder_path) in runs.items():
+    config = transfer_config.get_config()
+    config.data.dataset_dir = dfc_dir
+    config.model.encoder = 'resnet18'
+    config.model.compute_dtype = 'float32'
+    config.transfer.modality = modality
+    config.transfer.encoder_path = encoder_path
+    config.training.num_epochs = _TRANSFER_EPOCHS.value
+    config.training.global_batch_size = 8
+    config.training.log_every_steps = 3
+    workdir = os.path.join(out, 'transfer', name.split(' (')[0].replace(' ', '_').lower())
+    print(f'    {name} -> {workdir}', flush=True)
+    rows[name] = transfer.run(config, workdir)
+  table = metrics.markdown_table(rows, constants.DFC_DW8_CLASSES)
+  table_path = os.path.join(out, 'transfer', 'results.md')
+  with open(table_path, 'w') as f:
+    f.write(table)
+  print('\n' + table)
+  return {'transfer results table': table_path}
+
+
+def map_scene(paths: dict[str, str], raw: str, out: str) -> dict[str, str]:
+  """Dynamic World map of the generated scene with the pretraining network (both sensors)."""
+  from cromss_jax import predict
+  scene = os.path.join(raw, 'scene')
+  map_path = os.path.join(out, 'map.tif')
+  predictor = predict.load_predictor(paths['pretrain_model'], with_s1=True)
+  predict.predict_scene(predictor, map_path, s2_path=os.path.join(scene, 's2.tif'),
+                        s1_path=os.path.join(scene, 's1.tif'), window=128, overlap=32,
+                        batch=8, confidence=True)
+  return {'land-cover map (GeoTIFF, DW classes + confidence)': map_path}
+
+
 def main(argv):
   del argv
   import tensorflow as tf
@@ -112,12 +153,11 @@ def main(argv):
              'pretraining workdir (TensorBoard, panels/, history.json)': workdir,
              'exported encoders': os.path.dirname(paths['s2'])}
   if not _SKIP_TRANSFER.value:
-    from cromss_jax import demo_transfer
-    start = _stage('5/6 transfer to the demo DFC2020 set (frozen encoders)')
-    results.update(demo_transfer.transfer_all(paths, dfc_dir, out, _TRANSFER_EPOCHS.value))
+    start = _stage('5/6 transfer to the demo DFC2020 set (frozen encoders, PSPNet)')
+    results.update(transfer_all(paths, dfc_dir, out))
     _done(start)
     start = _stage('6/6 land-cover map of the demo scene')
-    results.update(demo_transfer.map_scene(paths, raw, out))
+    results.update(map_scene(paths, raw, out))
     _done(start)
   print(f'\nDemo finished in {time.perf_counter() - t0:.0f} s. Results:')
   for name, path in results.items():
