@@ -1,6 +1,16 @@
-"""Shared test settings: CPU only, quiet TF, and a few host devices for sharding tests."""
+"""Shared test settings: CPU only, quiet TF, and one XLA compilation cache for the session.
+
+The persistent compilation cache lets the several processes of the resume and multi-process
+tests (and repeated configs across modules) compile each program once; entries are keyed by
+the program, so a cache hit never changes a result.
+"""
 import os
+import tempfile
 
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
+os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
+                      os.path.join(tempfile.gettempdir(), 'cromss_jax_test_xla_cache'))
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
+os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
