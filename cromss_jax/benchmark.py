@@ -168,28 +168,33 @@ def benchmark_step() -> dict:
   return figures
 
 
-def _demo_dataset(workdir: str, locations: int) -> tuple[str, str]:
-  """Generates demo GeoTIFFs and converts them; returns (raw root, converted dataset dir)."""
-  from data_prep import make_demo, ssl4eo
-  raw = os.path.join(workdir, 'raw')
+def _generate_raw(root: str, locations: int) -> str:
+  from data_prep import make_demo
+  raw = os.path.join(root, 'raw')
   make_demo.make_demo(raw, locations=locations, dfc_validation=0, dfc_test=0, scene_size=None)
-  out = os.path.join(workdir, 'ssl4eo_tfds')
-  ssl4eo.convert(**_ssl4eo_args(raw, out, workers=FLAGS.workers))
-  return raw, out
+  return raw
 
 
-def _ssl4eo_args(raw: str, out: str, workers: int | None) -> dict:
+def _convert_raw(raw: str, out: str) -> dict:
+  """data_prep.ssl4eo on generated data, as a user would run it; returns its summary."""
+  from data_prep import ssl4eo
   root = os.path.join(raw, 'ssl4eo')
-  return dict(s1_root=os.path.join(root, 's1'), s2_root=os.path.join(root, 's2c'),
-              labels=os.path.join(root, 'labels', 'noisy_manifest.csv'), out_dir=out,
-              workers=workers or os.cpu_count(), val_fraction=0.1)
+  argv = ['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2c'),
+          '--labels', os.path.join(root, 'labels', 'noisy_manifest.csv'), '--out', out,
+          '--val-fraction', '0.1', '--examples-per-shard', '4']
+  if FLAGS.workers:
+    argv += ['--workers', str(FLAGS.workers)]
+  return ssl4eo.main(argv)
 
 
 def benchmark_input() -> dict:
   from configs import demo
   from cromss_jax import input_pipeline
   with tempfile.TemporaryDirectory() as tmp:
-    dataset_dir = FLAGS.dataset_dir or _demo_dataset(tmp, FLAGS.locations)[1]
+    dataset_dir = FLAGS.dataset_dir
+    if not dataset_dir:
+      dataset_dir = os.path.join(tmp, 'records')
+      _convert_raw(_generate_raw(tmp, FLAGS.locations), dataset_dir)
     config = demo.get_config()
     config.data.dataset_dir = dataset_dir
     config.data.crop_size = 256
@@ -213,13 +218,10 @@ def benchmark_input() -> dict:
 
 
 def benchmark_convert() -> dict:
-  from data_prep import make_demo, ssl4eo
   with tempfile.TemporaryDirectory() as tmp:
-    raw = os.path.join(tmp, 'raw')
-    make_demo.make_demo(raw, locations=FLAGS.locations, dfc_validation=0, dfc_test=0,
-                        scene_size=None)
+    raw = _generate_raw(tmp, FLAGS.locations)
     t0 = time.perf_counter()
-    ssl4eo.convert(**_ssl4eo_args(raw, os.path.join(tmp, 'out'), workers=FLAGS.workers))
+    _convert_raw(raw, os.path.join(tmp, 'records'))
     elapsed = time.perf_counter() - t0
   rate = FLAGS.locations / elapsed
   workers = FLAGS.workers or os.cpu_count()
