@@ -457,7 +457,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
         if epoch % config.training.checkpoint_every_epochs == 0 or epoch == num_epochs:
           checkpointing.save(manager, done, state, meta())
       if preempted:
-        checkpointing.save(manager, done, state, meta())
+        if manager.latest_step() != done:  # the epoch boundary may have just saved this step
+          checkpointing.save(manager, done, state, meta())
         logging.warning('Stopped for preemption at step %d; rerun the same command to resume.',
                         done)
         break
