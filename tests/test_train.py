@@ -1,0 +1,741 @@
+"""The training system: config errors, one compiled step, non-finite steps, kill/resume, hosts.
+
+Expensive artifacts are made once per session by `shared_run` (also used by test_export.py):
+a 5-location demo dataset (4 train, 1 validation locations, clean labels) and run A, one
+in-process `train.train_and_evaluate` of the tiny config (ResNet-18 mid fusion, float32, 64 px
+crops, global batch 2, 3 epochs x 2 steps, a checkpoint every epoch). The subprocess runs (the
+CLI kill/resume chain, the two-process run) compile the same programs; the persistent XLA
+cache configured by conftest.py lets the CLI runs load them instead of compiling again. The
+two-process run is started in the background before run A, so that the two overlap.
+
+The non-finite and SIGTERM edge cases use a toy Task (a conv + BatchNorm + dense model on
+synthetic numpy batches), which compiles in about a second.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+import random
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo as demo_config
+from configs import pretrain as pretrain_config
+from cromss_jax import export
+from cromss_jax import input_pipeline
+from cromss_jax import sharding
+from cromss_jax import train
+from cromss_jax.config_validation import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# Hang guard for every subprocess: generous for a cold compile on a slow 2-core machine.
+PROCESS_TIMEOUT_S = 420
+
+# The tiny pretraining config shared by every real-model run (in-process and CLI). keep_ratio
+# 0.3 (default 0.5) proves that a CLI override reaches the objective: the CLI runs pass it as
+# --config.objective.keep_ratio=0.3 and must reproduce run A exactly.
+TINY = {
+    'data.crop_size': 64,
+    'data.shuffle_buffer': 8,
+    'training.global_batch_size': 2,
+    'training.steps_per_epoch': 2,
+    'training.num_epochs': 3,
+    'training.checkpoint_every_epochs': 1,
+    'training.log_every_steps': 1,
+    'training.panel_every_epochs': 0,
+    'objective.keep_ratio': 0.3,
+}
+TOTAL_STEPS = TINY['training.num_epochs'] * TINY['training.steps_per_epoch']
+
+
+def tiny_config(dataset_dir: str, **changes: Any):
+  """configs/demo.py with TINY and `changes` ({'training.num_epochs': 1, ...}) applied."""
+  config = demo_config.get_config()
+  config.data.dataset_dir = str(dataset_dir)
+  for key, value in {**TINY, **changes}.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def cli_overrides(dataset_dir: str, **changes: Any) -> list[str]:
+  return [f'--config.data.dataset_dir={dataset_dir}'] + [
+      f'--config.{k}={v}' for k, v in {**TINY, **changes}.items()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, TensorBoard and subprocess helpers
+# ------------------------------------------------------------------------------------------------
+def _key_name(entry) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """{'params/encoder_s1/conv1/kernel': array, ...}; TrainStates and restored dicts agree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(e) for e in path): np.asarray(v) for path, v in leaves}
+
+
+def complete_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def restore_step(workdir, step: int) -> tuple[dict, dict]:
+  """(state, meta) of one checkpoint step, on one device, whatever topology wrote it."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  with ocp.CheckpointManager(
+      directory, item_names=('state', 'meta'),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()}) as manager:
+    metadata = manager.item_metadata(step)['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return restored['state'], dict(restored['meta'])
+
+
+def read_scalars(workdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the TensorBoard event files of a workdir."""
+  import tensorflow as tf
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        number = (float(tf.make_ndarray(value.tensor)) if value.HasField('tensor')
+                  else float(value.simple_value))
+        out.setdefault(value.tag, {})[int(event.step)] = number
+  return out
+
+
+def assert_trees_equal(actual: dict, expected: dict, what: str) -> None:
+  a, e = flat(actual), flat(expected)
+  assert sorted(a) == sorted(e), f'{what}: different structures'
+  for key in e:
+    np.testing.assert_array_equal(a[key], e[key], err_msg=f'{what}: {key}')
+
+
+class Proc:
+  """A subprocess whose merged stdout/stderr is collected line by line (and kept in a file)."""
+
+  def __init__(self, args: list[str], log_path, env: dict | None = None):
+    self.args = args
+    self.log_path = Path(log_path)
+    self.lines: list[str] = []
+    self._cond = threading.Condition()
+    self.p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, bufsize=1)
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    with open(self.log_path, 'w') as log:
+      for line in self.p.stdout:
+        log.write(line)
+        log.flush()
+        with self._cond:
+          self.lines.append(line)
+          self._cond.notify_all()
+    with self._cond:
+      self._cond.notify_all()
+
+  @property
+  def text(self) -> str:
+    with self._cond:
+      return ''.join(self.lines)
+
+  def tail(self, n: int = 40) -> str:
+    return ''.join(self.text.splitlines(keepends=True)[-n:])
+
+  def wait_for(self, pattern: str, timeout: float = PROCESS_TIMEOUT_S) -> re.Match:
+    """The first match of `pattern` in the output; fails if the process ends or time runs out."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while True:
+        match = regex.search(''.join(self.lines))
+        if match:
+          return match
+        if not self._reader.is_alive():
+          pytest.fail(f'{self.args} exited (rc {self.p.poll()}) before printing {pattern!r}:\n'
+                      f'{self.tail()}')
+        left = deadline - time.monotonic()
+        if left <= 0:
+          self.kill()
+          pytest.fail(f'{pattern!r} not printed within {timeout} s:\n{self.tail()}')
+        self._cond.wait(min(left, 1.0))
+
+  def wait(self, timeout: float = PROCESS_TIMEOUT_S) -> int:
+    try:
+      rc = self.p.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f'{self.args} did not finish within {timeout} s:\n{self.tail()}')
+    self._reader.join(30)
+    return rc
+
+  def kill(self) -> None:
+    if self.p.poll() is None:
+      self.p.kill()   # SIGKILL
+      self.p.wait(60)
+
+
+def cli_command(workdir, dataset_dir, **changes) -> list[str]:
+  return [sys.executable, '-m', 'cromss_jax.main', '--config=configs/demo.py',
+          f'--workdir={workdir}', *cli_overrides(dataset_dir, **changes)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared artifacts: dataset, fixed batches, run A (in-process), the two-process run (background)
+# ------------------------------------------------------------------------------------------------
+_SHARED: dict[str, Any] = {}
+MULTIPROCESS_TEST = 'test_two_processes_match_one_process'
+
+
+def _make_dataset(root: Path) -> str:
+  from data_prep import make_demo, ssl4eo
+  raw = root / 'raw'
+  make_demo.make_demo(raw, locations=5, seed=0, dfc_validation=0, dfc_test=0, scene_size=None)
+  ssl = raw / 'ssl4eo'
+  out = root / 'ssl4eo_s12_nol'
+  ssl4eo.main(['--s1', str(ssl / 's1'), '--s2', str(ssl / 's2c'),
+               '--labels', str(ssl / 'labels' / 'noisy_manifest.csv'),
+               '--clean-labels', str(ssl / 'labels' / 'clean_manifest.csv'),
+               '--out', str(out), '--val-fraction', '0.25', '--workers', '1'])
+  return str(out)
+
+
+def _save_fixed_batches(dataset_dir: str, path: Path) -> None:
+  """Run A's first two training batches and its validation batch, as run A sees them."""
+  config = tiny_config(dataset_dir)
+  arrays = {}
+  train_iter = input_pipeline.create_pretrain_iterator(config, 'train', start_step=0)
+  for step in range(2):
+    for key, value in next(train_iter).items():
+      arrays[f'train{step}/{key}'] = value
+  for key, value in next(input_pipeline.create_pretrain_iterator(config, 'validation')).items():
+    arrays[f'val/{key}'] = value
+  np.savez(path, **arrays)
+
+
+_DRIVER = r'''
+"""One process of a two-process CPU run: the CLI's flags, a fixed global batch per step."""
+import dataclasses, os, sys
+import numpy as np
+from absl import flags, logging
+from cromss_jax import main as cli
+from cromss_jax import logs
+
+batches_path, argv = sys.argv[1], sys.argv[2:]
+flags.FLAGS(['driver'] + argv)
+logging.use_absl_handler()
+logs.quiet_libraries()
+cli._initialise_distributed()   # --coordinator_address/--num_processes/--process_id
+
+import jax
+from cromss_jax import sharding, train
+
+config = cli._CONFIG.value
+workdir = cli._WORKDIR.value
+task = train.create_pretrain_task(config)
+data = np.load(batches_path)
+mesh = sharding.create_mesh(config)
+# The rows of the global batch that this process's device holds.
+(rows,) = sharding.batch_sharding(mesh).addressable_devices_indices_map(
+    (config.training.global_batch_size,))[jax.local_devices()[0]]
+print(f'process {jax.process_index()} of {jax.process_count()} feeds rows {rows}', flush=True)
+
+def part(prefix):
+  keys = {k.split('/', 1)[1] for k in data.files if k.startswith(prefix + '/')}
+  return {k: data[f'{prefix}/{k}'][rows] for k in sorted(keys)}
+
+def train_iterator(start):
+  for step in range(start, 2):
+    yield part(f'train{step}')
+
+task = dataclasses.replace(task, train_iterator=train_iterator,
+                           eval_iterator=lambda: iter([part('val')]))
+state = train.train_and_evaluate(config, workdir, task)
+
+def name(entry):
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+local = {'/'.join(name(e) for e in path): np.asarray(x.addressable_data(0))
+         for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
+np.savez(os.path.join(workdir, f'replica_{jax.process_index()}.npz'), **local)
+print('DRIVER DONE', flush=True)
+'''
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    return s.getsockname()[1]
+
+
+def _launch_multiprocess(root: Path, dataset_dir: str) -> dict:
+  """Starts two processes (CPU, one device each) training 2 steps on run A's fixed batches."""
+  driver = root / 'mp_driver.py'
+  driver.write_text(_DRIVER)
+  workdir = root / 'mp_workdir'
+  port = _free_port()
+  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  procs = []
+  for process_id in range(2):
+    args = [sys.executable, str(driver), str(root / 'batches.npz'), '--config=configs/demo.py',
+            f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
+            '--num_processes=2', f'--process_id={process_id}',
+            *cli_overrides(dataset_dir, **{'training.num_epochs': 1})]
+    procs.append(Proc(args, root / f'mp_process_{process_id}.log', env=env))
+  return {'procs': procs, 'workdir': str(workdir), 'started': time.monotonic()}
+
+
+def _run_a(dataset_dir: str, workdir: Path) -> dict:
+  """Run A in-process, counting how often the train and eval functions are traced."""
+  config = tiny_config(dataset_dir, **{'training.panel_every_epochs': 1})
+  task = train.create_pretrain_task(config)
+  traces = {'loss_fn': 0, 'eval_fn': 0}
+  loss_fn, eval_fn = task.loss_fn, task.eval_fn
+
+  def counted_loss(*args):
+    traces['loss_fn'] += 1
+    return loss_fn(*args)
+
+  def counted_eval(*args):
+    traces['eval_fn'] += 1
+    return eval_fn(*args)
+
+  task = dataclasses.replace(task, loss_fn=counted_loss, eval_fn=counted_eval)
+  start = time.perf_counter()
+  state = train.train_and_evaluate(config, str(workdir), task)
+  return {'state': state, 'traces': traces, 'config': config,
+          'seconds': time.perf_counter() - start}
+
+
+def shared_run(tmp_path_factory, request) -> dict:
+  """Dataset + run A (+ the background two-process run when its test is selected), once."""
+  if 'a_workdir' in _SHARED:
+    return _SHARED
+  root = tmp_path_factory.mktemp('train_shared')
+  _SHARED['dataset'] = _make_dataset(root)
+  _save_fixed_batches(_SHARED['dataset'], root / 'batches.npz')
+  if any(item.name == MULTIPROCESS_TEST for item in request.session.items):
+    mp = _launch_multiprocess(root, _SHARED['dataset'])
+    _SHARED['mp'] = mp
+    request.config.add_cleanup(lambda: [p.kill() for p in mp['procs']])
+  _SHARED['a'] = _run_a(_SHARED['dataset'], root / 'A')
+  _SHARED['a_workdir'] = str(root / 'A')
+  return _SHARED
+
+
+@pytest.fixture(scope='module')
+def shared(tmp_path_factory, request):
+  return shared_run(tmp_path_factory, request)
+
+
+# ------------------------------------------------------------------------------------------------
+# 1. Config errors: rejected before anything is compiled, with a message that says what to change
+# ------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize('changes, expected', [
+    ({'mesh.data': 2}, [r'config\.mesh\.data=2', r'device count \(1\)', 'use -1']),
+    ({'mesh.fsdp': 2}, [r'config\.mesh\.fsdp=2', r'positive divisor of the device count \(1\)']),
+    ({'model.fusion': 'early'}, [r"config\.model\.fusion='early'", r"'mid', 'late'"]),
+    ({'data.s2_bands': 5}, [r'config\.data\.s2_bands=5', 'one of 13, 12, 9, 3']),
+    ({'data.crop_size': 288}, [r'config\.data\.crop_size=288', r'tile_size=264',
+                               'use a crop <= the tile']),
+    # The records hold 264 px tiles; the pipeline rejects a config that says otherwise.
+    ({'data.tile_size': 128}, [r'config\.data\.tile_size=128', '264x264',
+                               r'--config\.data\.tile_size=264']),
+], ids=['mesh-data', 'mesh-fsdp', 'fusion', 's2-bands', 'crop-gt-tile', 'tile-vs-records'])
+def test_config_errors_fail_before_compiling(shared, tmp_path, monkeypatch, changes, expected):
+  config = tiny_config(shared['dataset'], **changes)
+
+  def no_compile(*args, **kwargs):
+    raise AssertionError('init_state (the first compilation) ran before the config was rejected')
+  monkeypatch.setattr(train, 'init_state', no_compile)
+  workdir = tmp_path / 'w'
+  start = time.perf_counter()
+  with pytest.raises((ConfigError, ValueError)) as info:
+    train.train_and_evaluate(config, str(workdir), None)
+  message = str(info.value)
+  for pattern in expected:
+    assert re.search(pattern, message), f'{pattern!r} not in {message!r}'
+  assert not workdir.exists(), 'the workdir was created before the config was rejected'
+  assert time.perf_counter() - start < 30
+
+
+def test_cli_rejects_bad_override_and_indivisible_batch(shared, tmp_path):
+  """Through the CLI: a bad objective value, and a global batch that 2 devices cannot split."""
+  bad = Proc(cli_command(tmp_path / 'bad', shared['dataset'],
+                         **{'objective.consistency': 'foo'}), tmp_path / 'bad.log')
+  env = dict(os.environ, JAX_NUM_CPU_DEVICES='2')
+  odd = Proc(cli_command(tmp_path / 'odd', shared['dataset'],
+                         **{'training.global_batch_size': 3}), tmp_path / 'odd.log', env=env)
+  assert bad.wait() != 0
+  assert re.search(r"config\.objective\.consistency='foo' is not allowed; expected one of "
+                   r"'ce', 'kl', 'mse', 'none'", bad.text), bad.tail()
+  assert odd.wait() != 0
+  assert re.search(r'config\.training\.global_batch_size=3 is not divisible by the 2 devices of '
+                   r'the mesh .*pick a multiple of 2', odd.text), odd.tail()
+  for proc in (bad, odd):
+    assert 'Traceback' in proc.text and 'ConfigError' in proc.text
+    assert 'step 1/' not in proc.text and not (tmp_path / 'bad' / 'checkpoints').exists()
+
+
+# ------------------------------------------------------------------------------------------------
+# 2. One compiled step across epochs; history, TensorBoard, panels
+# ------------------------------------------------------------------------------------------------
+def test_run_traces_the_step_once_and_writes_history_summaries_panels(shared):
+  a, workdir = shared['a'], Path(shared['a_workdir'])
+  assert a['traces'] == {'loss_fn': 1, 'eval_fn': 1}, (
+      f'{a["traces"]}: the train/eval step was traced more than once over 3 epochs')
+  state = a['state']
+  assert int(state.step) == TOTAL_STEPS
+  assert int(state.nonfinite_total) == 0 and int(state.nonfinite_streak) == 0
+  assert complete_steps(workdir) == [2, 4, 6]
+
+  history = json.loads((workdir / 'history.json').read_text())
+  assert [h['epoch'] for h in history] == [1, 2, 3]
+  assert [h['step'] for h in history] == [2, 4, 6]
+  for entry in history:
+    for key in ('val_loss', 'miou_noisy_s1', 'miou_noisy_s2', 'miou_clean_s1', 'miou_clean_s2',
+                'lr_scale'):
+      assert np.isfinite(entry[key]), (key, entry)
+    for key in ('miou_noisy_s1', 'miou_noisy_s2', 'miou_clean_s1', 'miou_clean_s2'):
+      assert 0 <= entry[key] <= 100, (key, entry)
+
+  scalars = read_scalars(workdir)
+  assert sorted(scalars['train/loss']) == list(range(1, TOTAL_STEPS + 1))
+  assert sorted(scalars['val/val_loss']) == [2, 4, 6]
+  for tag in ('train/lr', 'train/finite', 'train/seg_loss', 'train/imgs_per_s',
+              'val/miou_clean_s2', 'val/lr_scale'):
+    assert tag in scalars, sorted(scalars)
+  assert scalars['val/val_loss'][6] == pytest.approx(history[-1]['val_loss'], rel=1e-6)
+
+  panels = sorted((workdir / 'panels').glob('*.png'))
+  assert [p.name for p in panels] == ['epoch_0001.png', 'epoch_0002.png', 'epoch_0003.png']
+  for panel in panels:
+    assert panel.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and panel.stat().st_size > 1000
+
+
+# ------------------------------------------------------------------------------------------------
+# 3. Non-finite steps (toy task) and in-process SIGTERM at exact steps
+# ------------------------------------------------------------------------------------------------
+class _Toy(nn.Module):
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(4, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(1)(nn.relu(x).mean(axis=(1, 2)))[:, 0]
+
+
+def _toy_batch(step: int, nan: bool = False) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(step)
+  x = rng.normal(size=(4, 8, 8, 2)).astype(np.float32)
+  y = (x.mean(axis=(1, 2, 3)) * 3.0 + 1.0).astype(np.float32)
+  if nan:
+    x[:] = np.nan
+  return {'x': x, 'y': y}
+
+
+def _toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None) -> train.Task:
+  model = _Toy()
+  yielded = [] if yielded is None else yielded
+
+  def loss_fn(params, batch_stats, batch, epoch, rng):
+    del epoch, rng
+    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'],
+                               train=True, mutable=['batch_stats'])
+    loss = jnp.mean((out - batch['y']) ** 2)
+    return loss, (updates['batch_stats'], {'mse': loss})
+
+  def eval_fn(params, batch_stats, batch, epoch):
+    del epoch
+    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'], train=False)
+    return {'se': jnp.sum((out - batch['y']) ** 2), 'n': jnp.float32(out.shape[0])}
+
+  def train_iterator(start):
+    step = start
+    while True:
+      if step in sigterm_before:
+        os.kill(os.getpid(), signal.SIGTERM)   # handled by train's SIGTERM handler
+      yielded.append(step)
+      yield _toy_batch(step, nan=step in nan_steps)
+      step += 1
+
+  return train.Task(
+      name='toy', model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
+      apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
+      loss_fn=loss_fn, eval_fn=eval_fn,
+      summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
+      train_iterator=train_iterator, eval_iterator=lambda: iter([_toy_batch(10_000)]),
+      steps_per_epoch=steps_per_epoch, global_batch_size=4)
+
+
+def _toy_config(num_epochs: int, max_nonfinite: int = 3):
+  config = pretrain_config.get_config()
+  config.training.update(num_epochs=num_epochs, global_batch_size=4, log_every_steps=1,
+                         checkpoint_every_epochs=1, eval_every_epochs=1, keep_checkpoints=50,
+                         panel_every_epochs=0, max_consecutive_nonfinite=max_nonfinite)
+  config.optimizer.learning_rate = 1e-2
+  return config
+
+
+def test_nan_batch_is_skipped_and_training_continues(tmp_path):
+  yielded: list[int] = []
+  state = train.train_and_evaluate(_toy_config(num_epochs=5), str(tmp_path),
+                                   _toy_task(1, nan_steps={2}, yielded=yielded))
+  assert yielded == [0, 1, 2, 3, 4]
+  assert int(state.step) == 5
+  assert int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 0
+  states = {step: restore_step(tmp_path, step)[0] for step in complete_steps(tmp_path)}
+  assert sorted(states) == [1, 2, 3, 4, 5]
+  before, after = states[2], states[3]          # around the NaN batch (step index 2)
+  for part in ('params', 'batch_stats', 'opt_state'):
+    assert_trees_equal(after[part], before[part], f'{part} after the NaN step')
+  assert int(after['step']) == 3 and int(after['nonfinite_streak']) == 1
+  assert int(after['nonfinite_total']) == 1
+  for step in (2, 4, 5):    # every finite step updates the parameters
+    prev, cur = flat(states[step - 1]['params']), flat(states[step]['params'])
+    assert any(not np.array_equal(prev[k], cur[k]) for k in cur), f'step {step} did not update'
+  for leaf in flat(states[5]).values():
+    assert np.all(np.isfinite(leaf))
+  assert int(states[4]['nonfinite_streak']) == 0 and int(states[4]['nonfinite_total']) == 1
+
+
+def test_consecutive_nan_batches_stop_training_and_keep_last_good_checkpoint(tmp_path):
+  yielded: list[int] = []
+  with pytest.raises(train.TrainingError) as info:
+    train.train_and_evaluate(_toy_config(num_epochs=5, max_nonfinite=3), str(tmp_path),
+                             _toy_task(2, nan_steps=set(range(2, 100)), yielded=yielded))
+  message = str(info.value)
+  assert 'max_consecutive_nonfinite=3' in message and '3 consecutive steps' in message
+  assert str(tmp_path) in message
+  assert yielded == [0, 1, 2, 3, 4], 'stopped at the wrong step (log_every_steps=1)'
+  assert complete_steps(tmp_path) == [2, 4]
+  good, latest = restore_step(tmp_path, 2)[0], restore_step(tmp_path, 4)[0]
+  # The checkpoint written during the streak holds the last good update (step 2's).
+  for part in ('params', 'batch_stats', 'opt_state'):
+    assert_trees_equal(latest[part], good[part], f'{part} of the latest checkpoint')
+  for leaf in flat(latest).values():
+    assert np.all(np.isfinite(leaf))
+  assert int(latest['nonfinite_streak']) == 2 and int(good['nonfinite_streak']) == 0
+
+
+@pytest.fixture(scope='module')
+def toy_reference(tmp_path_factory):
+  workdir = tmp_path_factory.mktemp('toy_reference')
+  state = train.train_and_evaluate(_toy_config(num_epochs=3), str(workdir), _toy_task(2))
+  return state, json.loads((workdir / 'history.json').read_text())
+
+
+@pytest.mark.parametrize('signal_step', [1, 2], ids=['at-epoch-end', 'mid-epoch'])
+def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, signal_step):
+  """SIGTERM during step k: checkpoint at k+1, return; a rerun finishes like an unbroken run.
+
+  k=1 is the last step of epoch 1, where the regular epoch checkpoint is also due.
+  """
+  state = train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path),
+                                   _toy_task(2, sigterm_before={signal_step}))
+  assert int(state.step) == signal_step + 1
+  assert complete_steps(tmp_path)[-1] == signal_step + 1
+  assert signal.getsignal(signal.SIGTERM) is not None   # the previous handler is back
+  final = train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path), _toy_task(2))
+  reference, reference_history = toy_reference
+  assert_trees_equal(final, reference, 'resumed state')
+  assert json.loads((tmp_path / 'history.json').read_text()) == reference_history
+
+
+# ------------------------------------------------------------------------------------------------
+# 4. The CLI killed (SIGKILL at a random point, SIGKILL during a checkpoint write), preempted
+#    (SIGTERM) and rerun reproduces run A exactly
+# ------------------------------------------------------------------------------------------------
+def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_path):
+  workdir = tmp_path / 'B'
+  ckpt_dir = workdir / 'checkpoints'
+  command = cli_command(workdir, shared['dataset'])
+  runs: list[str] = []
+
+  # (1) SIGKILL at a random moment after the first checkpoint is complete.
+  proc = Proc(command, tmp_path / 'run1.log')
+  proc.wait_for(r'Saved checkpoint at step 2 ')
+  delay = random.uniform(0.0, 1.0)
+  time.sleep(delay)
+  proc.kill()
+  assert proc.p.returncode == -signal.SIGKILL, f'run 1 ended by itself:\n{proc.tail()}'
+  assert complete_steps(workdir)[-1] >= 2
+  runs.append(f'run 1: SIGKILL {delay:.2f} s after checkpoint 2; complete: '
+              f'{complete_steps(workdir)}')
+
+  # (2) SIGKILL while Orbax writes a checkpoint (its temporary directory exists).
+  before = set(os.listdir(ckpt_dir))
+  proc = Proc(command, tmp_path / 'run2.log')
+  deadline = time.monotonic() + PROCESS_TIMEOUT_S
+  tmp_name = None
+  while tmp_name is None:
+    new = [n for n in os.listdir(ckpt_dir) if TMP_SUFFIX in n and n not in before]
+    if new:
+      tmp_name = new[0]
+      proc.kill()
+    elif proc.p.poll() is not None or time.monotonic() > deadline:
+      proc.kill()
+      pytest.fail(f'no checkpoint write was seen:\n{proc.tail()}')
+    else:
+      time.sleep(0.002)
+  tmp_step = int(tmp_name.split('.')[0])
+  caught_mid_write = (ckpt_dir / tmp_name).exists()
+  assert caught_mid_write, (f'the kill came after Orbax finalised {tmp_name} (the write took '
+                            'less than the polling interval)')
+  assert tmp_step not in complete_steps(workdir), 'an interrupted write left a "complete" step'
+  runs.append(f'run 2: SIGKILL during the write of step {tmp_step} ({tmp_name} left behind); '
+              f'complete: {complete_steps(workdir)}')
+
+  # (3) SIGTERM mid-run: checkpoint at the step it stops at, exit code 0.
+  resume = complete_steps(workdir)[-1]
+  proc = Proc(command, tmp_path / 'run3.log')
+  proc.wait_for(rf'Resuming at step {resume} ')
+  proc.wait_for(rf'step {resume + 1}/{TOTAL_STEPS} ')
+  proc.p.send_signal(signal.SIGTERM)
+  rc = proc.wait()
+  assert rc == 0, f'SIGTERM run exited with {rc}:\n{proc.tail()}'
+  stopped = int(re.search(r'Stopped for preemption at step (\d+)', proc.text).group(1))
+  assert resume < stopped <= TOTAL_STEPS
+  assert complete_steps(workdir)[-1] == stopped
+  assert not (ckpt_dir / f'{tmp_step}{TMP_SUFFIX}').exists() or tmp_step > stopped
+  runs.append(f'run 3: resumed at {resume}, SIGTERM, stopped at {stopped}')
+
+  # (4) Rerun to the end.
+  proc = Proc(command, tmp_path / 'run4.log')
+  rc = proc.wait()
+  assert rc == 0, proc.tail()
+  if stopped < TOTAL_STEPS:
+    assert f'Resuming at step {stopped} ' in proc.text
+  runs.append(f'run 4: resumed at {stopped}, finished')
+  print('\n'.join(runs))
+
+  b_state, b_meta, b_step = export.load_latest_checkpoint(str(workdir))
+  a_state, a_meta, a_step = export.load_latest_checkpoint(shared['a_workdir'])
+  assert b_step == a_step == TOTAL_STEPS
+  assert_trees_equal(b_state, a_state, 'killed/resumed run vs run A')   # bitwise
+  assert b_meta['history'] == a_meta['history']
+  assert json.loads((workdir / 'history.json').read_text()) == a_meta['history']
+  b_config, a_config = json.loads(b_meta['config']), json.loads(a_meta['config'])
+  assert b_config['objective']['keep_ratio'] == 0.3       # the CLI override reached the run
+  assert a_config['training'].pop('panel_every_epochs') == 1
+  assert b_config['training'].pop('panel_every_epochs') == 0
+  assert b_config == a_config
+
+
+# ------------------------------------------------------------------------------------------------
+# 5. Two processes (jax.distributed on CPU, one device each) == one process on the global batch
+# ------------------------------------------------------------------------------------------------
+def test_two_processes_match_one_process(shared):
+  """Two CLI-configured processes train 2 steps, each feeding its half of run A's batches.
+
+  Reference: run A (one process, one device, the same global batches), its checkpoint at step 2
+  and its TensorBoard losses. The step-1 loss is computed from identical parameters, so it
+  must agree to float32 rounding: BatchNorm statistics over each half alone would change it.
+  Parameters agree only loosely, and that is inherent, not a defect: float32 gradients of this
+  tiny-batch network carry ~0.5% (of each tensor's largest entry) rounding noise (measured: the
+  1-device and the 2-device float32 gradients are both ~0.5% off a float64 gradient, while in
+  float64 the two agree to 1e-14), and Adam's first steps move every parameter by ~lr*sign(g),
+  so noise-level gradient entries can flip a step: |diff| <= 2 steps * 2 * 1.0014 * lr.
+  """
+  mp = shared.get('mp')
+  assert mp is not None, 'the two-process run was not started'
+  procs = mp['procs']
+  for proc in procs:
+    rc = proc.wait()
+    assert rc == 0, f'process failed (rc {rc}):\n{proc.tail(60)}'
+  for i, proc in enumerate(procs):
+    assert f'Process {i} of 2; 1 local / 2 global devices.' in proc.text
+    assert f'process {i} of 2 feeds rows slice({i}, {i + 1}, None)' in proc.text
+    assert 'DRIVER DONE' in proc.text
+  workdir = mp['workdir']
+  replicas = [dict(np.load(os.path.join(workdir, f'replica_{i}.npz'))) for i in range(2)]
+  for key in replicas[0]:
+    np.testing.assert_array_equal(replicas[1][key], replicas[0][key], err_msg=key)
+  assert complete_steps(workdir) == [2]
+  mp_state, mp_meta = restore_step(workdir, 2)
+  saved = flat(mp_state)
+  assert sorted(saved) == sorted(replicas[0])
+  for key in saved:
+    np.testing.assert_array_equal(saved[key], replicas[0][key], err_msg=key)
+
+  ref_state, ref_meta = restore_step(shared['a_workdir'], 2)
+  ref = flat(ref_state)
+  mp_scalars, ref_scalars = read_scalars(workdir), read_scalars(shared['a_workdir'])
+  loss1, ref_loss1 = mp_scalars['train/loss'][1], ref_scalars['train/loss'][1]
+  loss2, ref_loss2 = mp_scalars['train/loss'][2], ref_scalars['train/loss'][2]
+  assert loss1 == pytest.approx(ref_loss1, rel=2e-6), 'step-1 loss differs: BN not global?'
+  assert loss2 == pytest.approx(ref_loss2, rel=1e-3)
+  mp_val, ref_val = mp_meta['history'][0], ref_meta['history'][0]
+  for key in ('val_loss', 'miou_noisy_s1', 'miou_noisy_s2', 'miou_clean_s1', 'miou_clean_s2'):
+    assert mp_val[key] == pytest.approx(ref_val[key], rel=2e-2, abs=0.5), key
+
+  assert int(saved['step']) == 2 and int(saved['nonfinite_total']) == 0
+  np.testing.assert_array_equal(saved['rng'], ref['rng'])
+  lr = tiny_config(shared['dataset']).optimizer.learning_rate
+  params = [k for k in ref if k.startswith('params/')]
+  stats = [k for k in ref if k.startswith('batch_stats/')]
+  max_param_diff = max(float(np.max(np.abs(saved[k] - ref[k]))) for k in params)
+  assert max_param_diff <= 2 * 2 * 1.0014 * lr + 1e-6
+  # Relative to how far 2 steps moved the parameters (from the initial state).
+  config = tiny_config(shared['dataset'])
+  task = train.create_pretrain_task(config)
+  mesh = sharding.create_mesh(config)
+  init, _ = train.init_state(task, config, mesh, train.create_optimizer(config.optimizer),
+                             train.create_plateau(config))
+  init = flat(init)
+  moved = np.sqrt(sum(np.sum((ref[k] - init[k]).astype(np.float64) ** 2) for k in params))
+  diff = np.sqrt(sum(np.sum((saved[k] - ref[k]).astype(np.float64) ** 2) for k in params))
+  stat_norm = np.sqrt(sum(np.sum(ref[k].astype(np.float64) ** 2) for k in stats))
+  stat_diff = np.sqrt(sum(np.sum((saved[k] - ref[k]).astype(np.float64) ** 2) for k in stats))
+  print(f'\ntwo processes vs one: step-1 loss {loss1!r} vs {ref_loss1!r}, step-2 loss {loss2!r} '
+        f'vs {ref_loss2!r}; params max |diff| {max_param_diff:.3g} (bound {4.0056 * lr:.3g}), '
+        f'|diff|/|update| {diff / moved:.3g}; batch_stats |diff|/|stats| '
+        f'{stat_diff / stat_norm:.3g}; '
+        f'wall {time.monotonic() - mp["started"]:.0f} s since launch')
+  assert diff / moved < 0.3
+  assert stat_diff / stat_norm < 1e-2
+
+
+@pytest.mark.xfail(strict=True, raises=ValueError,
+                   reason='export.load_latest_checkpoint reads the state metadata without item '
+                          'handlers (None), so Orbax falls back to the saved shardings and '
+                          'cannot restore a checkpoint written on another device topology')
+def test_export_reads_checkpoint_of_multiprocess_run(shared, tmp_path):
+  mp = shared.get('mp')
+  if mp is None or any(p.p.poll() != 0 for p in mp['procs']):
+    pytest.skip('needs the two-process run')
+  state, _, step = export.load_latest_checkpoint(mp['workdir'])
+  assert step == 2 and 'params' in state
