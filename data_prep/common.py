@@ -591,3 +591,22 @@ def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],
   if not total.get('converted'):
     raise SystemExit(f'error: every item was rejected; see {os.path.join(args.out, REJECTS_FILE)}')
   return summary
+
+
+def cli_entry(run: Callable[[argparse.Namespace], dict[str, Any]],
+              build_parser: Callable[[], argparse.ArgumentParser]):
+  """The three entry points of a converter module: main(argv) for scripts and tests, and the
+  (main, flags parser) pair that absl's app.run takes."""
+
+  def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Parses `argv` (without the program name) and converts; returns the summary."""
+    return cli_main(run, build_parser().parse_args(argv))
+
+  def app_main(args: argparse.Namespace) -> None:
+    cli_main(run, args)
+
+  def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
+    return build_parser().parse_args(argv[1:])
+
+  return main, app_main, parse_flags
+

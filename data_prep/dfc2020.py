@@ -19,7 +19,7 @@ import argparse
 import dataclasses
 import os
 import re
-from typing import Any, Sequence
+from typing import Any
 
 from absl import app
 from absl import logging
@@ -146,17 +146,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   'converted by data_prep.dfc2020.')
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
-  """Command-line entry for tests and scripts: parses `argv` (without the program name)."""
-  return common.cli_main(run, build_parser().parse_args(argv))
-
-
-def _app_main(args: argparse.Namespace) -> None:
-  common.cli_main(run, args)
-
-
-def _parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-  return build_parser().parse_args(argv[1:])
+main, _app_main, _parse_flags = common.cli_entry(run, build_parser)
 
 
 if __name__ == '__main__':
