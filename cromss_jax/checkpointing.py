@@ -15,8 +15,11 @@ from absl import logging
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
   directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  # cleanup_tmp_directories: a write killed half-way leaves a temporary directory; it is
+  # removed when the run restarts (it was never a complete checkpoint).
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
-                                         enable_async_checkpointing=False)
+                                         enable_async_checkpointing=False,
+                                         cleanup_tmp_directories=True)
   return ocp.CheckpointManager(directory, options=options,
                                item_names=('state', 'meta'))
 

@@ -42,7 +42,10 @@ def load_latest_checkpoint(workdir: str) -> tuple[dict, dict, int]:
   if not os.path.isdir(directory):
     raise FileNotFoundError(f'No checkpoints in {directory}: train first with '
                             f'`python -m cromss_jax.main --workdir={workdir} ...`.')
-  with ocp.CheckpointManager(directory, item_names=('state', 'meta')) as manager:
+  # Explicit handlers, so the saved tree's metadata (not its device layout) shapes the restore:
+  # a checkpoint written by N devices or hosts restores onto this one device.
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
     step = manager.latest_step()
     if step is None:
       raise FileNotFoundError(f'No complete checkpoint in {directory}.')

@@ -621,6 +621,28 @@ def transfer_rows(results: Mapping[str, Any]) -> list[dict[str, Any]]:
   return rows
 
 
+PAIRED_COMPARISONS = (('cromss_mid', 'plain'), ('cromss_late', 'plain'),
+                      ('cromss_mid', 'single'), ('plain', 'single'), ('cromss_mid', 'random'),
+                      ('cromss_late', 'cromss_mid'))
+
+
+def paired_differences(results: Mapping[str, Any], method: str, baseline: str, modality: str,
+                       setting: str, metric: str = 'miou') -> list[float]:
+  """Per-seed `metric` of `method` minus `baseline` (same seed, encoder and setting).
+
+  baseline 'single' means the single-modal run of `modality` (s2_only or s1_only).
+  """
+  if baseline == 'single':
+    baseline = f'{modality}_only'
+  scores = {}
+  for r in results['transfer']:
+    if r['modality'] == modality and r['setting'] == setting:
+      scores[(r['method'], r['seed'])] = r[metric]
+  seeds = sorted({seed for (_, seed) in scores})
+  return [scores[(method, s)] - scores[(baseline, s)] for s in seeds
+          if (method, s) in scores and (baseline, s) in scores]
+
+
 def selection_curves(results: Mapping[str, Any]) -> dict[str, dict[str, np.ndarray]]:
   """{method: {history key: [seeds, epochs] array}} of the selection-quality entries."""
   curves: dict[str, dict[str, list]] = {}
@@ -658,6 +680,24 @@ def markdown_report(results: Mapping[str, Any]) -> str:
     for setting in settings:
       cells += [_fmt(row[f'{setting}_{m}']) for m in ('oa', 'aa', 'miou', 'mf1')]
     lines.append('| ' + ' | '.join(cells) + ' |')
+
+  labels = dict(results['methods'], single='(a/b) single-modal')
+  comparisons = [(m, b) for m, b in PAIRED_COMPARISONS
+                 if m in labels and (b in labels or b == 'single')]
+  columns = [(m, st) for m in ('s2', 's1') for st in settings]
+  if comparisons:
+    lines += ['', '## Paired differences of transfer mIoU (same seed, same data): mean ± std '
+              '[seeds where the first is better]', '',
+              '| comparison | ' + ' | '.join(f'{m.upper()} {SETTING_LABELS[st]}'
+                                            for m, st in columns) + ' |',
+              '|---|' + '---|' * len(columns)]
+    for method, baseline in comparisons:
+      cells = [f'{labels[method]} − {labels[baseline]}']
+      for modality, setting in columns:
+        diffs = paired_differences(results, method, baseline, modality, setting)
+        cells.append(f'{_fmt(diffs)} [{sum(d > 0 for d in diffs)}/{len(diffs)}]' if diffs
+                     else '–')
+      lines.append('| ' + ' | '.join(cells) + ' |')
 
   lines += ['', '## Pretraining: validation mIoU of each branch against the clean truth and '
             'against the noisy labels (last epoch)', '',
@@ -747,8 +787,7 @@ def plot_selection(results: Mapping[str, Any], path: str) -> bool:
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  fig, axes = plt.subplots(1, 3, figsize=(16, 4.4))
-  styles = {'s2': '-', 's1': '--'}
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.6))
   colours = plt.rcParams['axes.prop_cycle'].by_key()['color']
 
   def band(ax, x, values, **kwargs):
@@ -758,29 +797,36 @@ def plot_selection(results: Mapping[str, Any], path: str) -> bool:
       std = np.nanstd(values, axis=0, ddof=1)
       ax.fill_between(x, mean - std, mean + std, color=line.get_color(), alpha=0.15)
 
+  keep_drawn = False
   for c, (key, curve) in enumerate(curves.items()):
     x = curve['epoch'][0]
     label = results['methods'][key]
-    for m in MODALITIES:
-      for group, colour in (('correct', colours[(2 * c) % len(colours)]),
-                            ('wrong', colours[(2 * c + 1) % len(colours)])):
-        band(axes[0], x, curve[f'sel_{m}_w_mean_{group}'], linestyle=styles[m], color=colour,
-             label=f'{label} {m.upper()}: {group} labels')
-      band(axes[1], x, curve[f'sel_{m}_w_auc'], linestyle=styles[m],
-           color=colours[(2 * c) % len(colours)], label=f'{label} {m.upper()}: weight')
-      band(axes[2], x, curve[f'sel_{m}_conf_auc'], linestyle=styles[m],
-           color=colours[(2 * c) % len(colours)], label=f"{label} {m.upper()}: l'")
-  axes[0].set_title('mean label-selection weight')
-  axes[1].set_title('AUC of low weight as wrong-label detector')
-  axes[2].set_title("AUC of low label confidence l' (before the keep-ratio cut)")
+    if not keep_drawn:
+      axes[0].plot(x, np.nanmean(curve['sel_keep_ratio'], axis=0), ':', color='grey',
+                   label='keep ratio k(e)')
+      keep_drawn = True
+    for b, m in enumerate(('s2', 's1')):
+      colour = colours[(2 * c + b) % len(colours)]
+      name = f'{label} {m.upper()}'
+      band(axes[0], x, curve[f'sel_{m}_w_mean_correct'], color=colour, linestyle='-',
+           label=f'{name}: correct labels')
+      band(axes[0], x, curve[f'sel_{m}_w_mean_wrong'], color=colour, linestyle='--',
+           label=f'{name}: wrong labels')
+      band(axes[1], x, curve[f'sel_{m}_w_auc'], color=colour, label=name)
+      band(axes[2], x, curve[f'sel_{m}_conf_auc'], color=colour, label=name)
+  axes[0].set_title('mean label-selection weight (solid: correct, dashed: wrong labels)',
+                    fontsize=10)
+  axes[1].set_title('AUC: low weight as a detector of wrong labels', fontsize=10)
+  axes[2].set_title("AUC: low label confidence l' (before the class-wise cut)", fontsize=10)
   for ax in axes:
     ax.set_xlabel('epoch')
+    ax.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
   for ax in axes[1:]:
     ax.axhline(0.5, color='grey', lw=0.8)
-  fig.suptitle('Label selection on the validation split (clean truth known); '
-               'mean ± std over seeds; solid S2, dashed S1')
+  fig.suptitle('Label selection on the validation split (clean truth known), after each '
+               'epoch; mean ± std over seeds')
   fig.tight_layout()
   fig.savefig(path, dpi=110)
   plt.close(fig)

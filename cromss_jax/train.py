@@ -304,9 +304,7 @@ class _StopFlag:
       signal.signal(signal.SIGTERM, self._previous)
 
 
-def init_state(task: Task, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
-  """The initial state, created directly with its shardings (no host-side copy)."""
-
+def _state_factory(task: Task, config: ml_collections.ConfigDict, tx, plateau_tx):
   def make(rng):
     init_rng, state_rng = jax.random.split(rng)
     variables = task.apply_init(task.model, init_rng, task.init_batch())
@@ -316,12 +314,24 @@ def init_state(task: Task, config: ml_collections.ConfigDict, mesh, tx, plateau_
                       opt_state=tx.init(params), plateau=plateau_tx.init(params),
                       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32),
                       nonfinite_total=jnp.zeros((), jnp.int32))
+  return make, jax.random.PRNGKey(config.seed)
 
-  rng = jax.random.PRNGKey(config.seed)
-  abstract = jax.eval_shape(make, rng)
-  shardings = sharding.state_shardings(mesh, abstract)
-  state = jax.jit(make, out_shardings=shardings)(rng)
-  return state, shardings
+
+def abstract_state(task: Task, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
+  """(shape/dtype/sharding tree of the state, shardings), without computing anything."""
+  make, rng = _state_factory(task, config, tx, plateau_tx)
+  shapes = jax.eval_shape(make, rng)
+  shardings = sharding.state_shardings(mesh, shapes)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def init_state(task: Task, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
+  """The initial state, created directly with its shardings (no host-side copy)."""
+  make, rng = _state_factory(task, config, tx, plateau_tx)
+  _, shardings = abstract_state(task, config, mesh, tx, plateau_tx)
+  return jax.jit(make, out_shardings=shardings)(rng), shardings
 
 
 def _evaluate(task: Task, eval_step, state: TrainState, mesh) -> tuple[dict, dict | None]:
@@ -350,7 +360,17 @@ def _write_summaries(writer, step: int, values: Mapping[str, float]) -> None:
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
                        task: Task | None = None) -> TrainState:
-  """Trains until config.training.num_epochs, resuming from the workdir's latest checkpoint."""
+  """Trains until config.training.num_epochs, resuming from the workdir's latest checkpoint.
+
+  SIGTERM at any point (also while compiling or restoring) checkpoints at the next step and
+  returns; rerunning resumes.
+  """
+  with _StopFlag() as stop:
+    return _train_and_evaluate(config, workdir, task, stop)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task | None,
+                        stop: _StopFlag) -> TrainState:
   if task is None:
     validate_pretrain_config(config, device_count=jax.device_count())
     task = create_pretrain_task(config)
@@ -365,15 +385,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   plateau_tx = create_plateau(config)
   lr_fn = learning_rate_fn(config, total_steps)
 
-  state, state_shardings = init_state(task, config, mesh, tx, plateau_tx)
   manager = checkpointing.create_manager(workdir, keep=config.training.keep_checkpoints)
-  restored = checkpointing.restore_latest(
-      manager, jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                            state, state_shardings))
   history: list[dict] = []
-  if restored is not None:
-    state, meta = restored
+  if manager.latest_step() is not None:  # resume: restore into the abstract state, no init
+    abstract, state_shardings = abstract_state(task, config, mesh, tx, plateau_tx)
+    state, meta = checkpointing.restore_latest(manager, abstract)
     history = list(meta.get('history', []))
+  else:
+    state, state_shardings = init_state(task, config, mesh, tx, plateau_tx)
   start_step = int(jax.device_get(state.step))
   if start_step:
     logging.info('Resuming at step %d (epoch %d).', start_step, start_step // steps_per_epoch)
@@ -406,62 +425,61 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str,
   window: list[dict] = []
   window_start = time.perf_counter()
   window_first_step = start_step
-  with _StopFlag() as stop:
-    for step in range(start_step, total_steps):
-      host_batch = next(train_iter)
-      state, step_metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
-      window.append(step_metrics)
-      done = step + 1
-      at_boundary = done % log_every == 0 or done % steps_per_epoch == 0
-      if at_boundary:
-        fetched = jax.device_get(window)
-        streak = int(jax.device_get(state.nonfinite_streak))
-        means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        elapsed = time.perf_counter() - window_start
-        rate = (done - window_first_step) * task.global_batch_size / max(elapsed, 1e-9)
-        eta = (total_steps - done) * elapsed / max(done - window_first_step, 1)
-        logging.info('step %d/%d epoch %d  loss %.4f  lr %.3g  %.1f img/s  ETA %s%s',
-                     done, total_steps, done // steps_per_epoch, means['loss'], means['lr'],
-                     rate, _format_duration(eta),
-                     f'  skipped(non-finite) {int(jax.device_get(state.nonfinite_total))}'
-                     if means['finite'] < 1 else '')
-        _write_summaries(writer, done, {f'train/{k}': v for k, v in means.items()}
-                         | {'train/imgs_per_s': rate})
-        window, window_start, window_first_step = [], time.perf_counter(), done
-        if streak >= max_nonfinite:
-          raise TrainingError(
-              f'{streak} consecutive steps had a non-finite loss or gradient (limit '
-              f'config.training.max_consecutive_nonfinite={max_nonfinite}); stopping. The last '
-              f'good checkpoint is in {manager.directory}. Lower the learning rate or check the '
-              'data for NaN/inf.')
-      # Hosts agree on stopping at boundaries; a single process can stop at any step.
-      preempted = (_any_host(stop.requested) if at_boundary
-                   else stop.requested and jax.process_count() == 1)
-      if done % steps_per_epoch == 0:
-        epoch = done // steps_per_epoch
-        if epoch % config.training.eval_every_epochs == 0 or epoch == num_epochs:
-          summary, first_val = _evaluate(task, eval_step, state, mesh)
-          if config.schedule.name == 'plateau':
-            state = state.replace(plateau=plateau_update(state.plateau,
-                                                         jnp.float32(summary['val_loss'])))
-          summary['lr_scale'] = float(jax.device_get(state.plateau.scale))
-          history.append({'epoch': epoch, 'step': done, **summary})
-          logging.info('epoch %d  %s', epoch,
-                       '  '.join(f'{k} {v:.4f}' for k, v in summary.items()))
-          _write_summaries(writer, done, {f'val/{k}': v for k, v in summary.items()})
-          panel_every = config.training.panel_every_epochs
-          if (task.panel_fn and is_main and panel_every and epoch % panel_every == 0
-              and first_val is not None):
-            path = os.path.join(workdir, 'panels', f'epoch_{epoch:04d}.png')
-            task.panel_fn(state.params, state.batch_stats, first_val, epoch, path)
-        if epoch % config.training.checkpoint_every_epochs == 0 or epoch == num_epochs:
-          checkpointing.save(manager, done, state, meta())
-      if preempted:
-        if manager.latest_step() != done:  # the epoch boundary may have just saved this step
-          checkpointing.save(manager, done, state, meta())
-        logging.warning('Stopped for preemption at step %d; rerun the same command to resume.',
-                        done)
-        break
+  for step in range(start_step, total_steps):
+    host_batch = next(train_iter)
+    state, step_metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
+    window.append(step_metrics)
+    done = step + 1
+    at_boundary = done % log_every == 0 or done % steps_per_epoch == 0
+    if at_boundary:
+      fetched = jax.device_get(window)
+      streak = int(jax.device_get(state.nonfinite_streak))
+      means = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+      elapsed = time.perf_counter() - window_start
+      rate = (done - window_first_step) * task.global_batch_size / max(elapsed, 1e-9)
+      eta = (total_steps - done) * elapsed / max(done - window_first_step, 1)
+      logging.info('step %d/%d epoch %d  loss %.4f  lr %.3g  %.1f img/s  ETA %s%s',
+                   done, total_steps, done // steps_per_epoch, means['loss'], means['lr'],
+                   rate, _format_duration(eta),
+                   f'  skipped(non-finite) {int(jax.device_get(state.nonfinite_total))}'
+                   if means['finite'] < 1 else '')
+      _write_summaries(writer, done, {f'train/{k}': v for k, v in means.items()}
+                       | {'train/imgs_per_s': rate})
+      window, window_start, window_first_step = [], time.perf_counter(), done
+      if streak >= max_nonfinite:
+        raise TrainingError(
+            f'{streak} consecutive steps had a non-finite loss or gradient (limit '
+            f'config.training.max_consecutive_nonfinite={max_nonfinite}); stopping. The last '
+            f'good checkpoint is in {manager.directory}. Lower the learning rate or check the '
+            'data for NaN/inf.')
+    # Hosts agree on stopping at boundaries; a single process can stop at any step.
+    preempted = (_any_host(stop.requested) if at_boundary
+                 else stop.requested and jax.process_count() == 1)
+    if done % steps_per_epoch == 0:
+      epoch = done // steps_per_epoch
+      if epoch % config.training.eval_every_epochs == 0 or epoch == num_epochs:
+        summary, first_val = _evaluate(task, eval_step, state, mesh)
+        if config.schedule.name == 'plateau':
+          state = state.replace(plateau=plateau_update(state.plateau,
+                                                       jnp.float32(summary['val_loss'])))
+        summary['lr_scale'] = float(jax.device_get(state.plateau.scale))
+        history.append({'epoch': epoch, 'step': done, **summary})
+        logging.info('epoch %d  %s', epoch,
+                     '  '.join(f'{k} {v:.4f}' for k, v in summary.items()))
+        _write_summaries(writer, done, {f'val/{k}': v for k, v in summary.items()})
+        panel_every = config.training.panel_every_epochs
+        if (task.panel_fn and is_main and panel_every and epoch % panel_every == 0
+            and first_val is not None):
+          path = os.path.join(workdir, 'panels', f'epoch_{epoch:04d}.png')
+          task.panel_fn(state.params, state.batch_stats, first_val, epoch, path)
+      if epoch % config.training.checkpoint_every_epochs == 0 or epoch == num_epochs:
+        checkpointing.save(manager, done, state, meta())
+    if preempted:
+      if manager.latest_step() != done:  # the epoch boundary may have just saved this step
+        checkpointing.save(manager, done, state, meta())
+      logging.warning('Stopped for preemption at step %d; rerun the same command to resume.',
+                      done)
+      break
   if is_main:
     with tf.io.gfile.GFile(os.path.join(workdir, 'history.json'), 'w') as f:
       json.dump(history, f, indent=1)
