@@ -52,6 +52,23 @@ def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
   return ((k // 2, k // 2), (k // 2, k // 2))
 
 
+def _conv_and_norm(dtype: Dtype, param_dtype: Dtype, train: bool):
+  """The conv (no bias) and BatchNorm every residual block builds its layers from."""
+  conv = functools.partial(nn.Conv, use_bias=False, kernel_init=ENCODER_KERNEL_INIT,
+                           dtype=dtype, param_dtype=param_dtype)
+  norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
+                           epsilon=BN_EPSILON, dtype=dtype, param_dtype=param_dtype)
+  return conv, norm
+
+
+def _shortcut(x: jax.Array, out_features: int, strides: int, conv, norm) -> jax.Array:
+  """Identity, or a 1x1 projection (conv + BN) when stride or width changes."""
+  if strides == 1 and x.shape[-1] == out_features:
+    return x
+  y = conv(out_features, (1, 1), strides=strides, padding='VALID', name='downsample_conv')(x)
+  return norm(name='downsample_bn')(y)
+
+
 class BasicBlock(nn.Module):
   """Two 3x3 convs (ResNet-18/34); projection shortcut when stride or width changes."""
   features: int
@@ -63,21 +80,12 @@ class BasicBlock(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=ENCODER_KERNEL_INIT,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
-    out_features = self.features * self.expansion
+    conv, norm = _conv_and_norm(self.dtype, self.param_dtype, train)
     y = conv(self.features, (3, 3), strides=self.strides, padding=_pad(3), name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
     y = conv(self.features, (3, 3), padding=_pad(3), name='conv2')(y)
     y = norm(name='bn2')(y)
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = conv(out_features, (1, 1), strides=self.strides, padding='VALID',
-                      name='downsample_conv')(x)
-      shortcut = norm(name='downsample_bn')(shortcut)
-    return nn.relu(y + shortcut)
+    return nn.relu(y + _shortcut(x, self.features * self.expansion, self.strides, conv, norm))
 
 
 class Bottleneck(nn.Module):
@@ -91,10 +99,7 @@ class Bottleneck(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
-    conv = functools.partial(nn.Conv, use_bias=False, kernel_init=ENCODER_KERNEL_INIT,
-                             dtype=self.dtype, param_dtype=self.param_dtype)
-    norm = functools.partial(nn.BatchNorm, use_running_average=not train, momentum=BN_MOMENTUM,
-                             epsilon=BN_EPSILON, dtype=self.dtype, param_dtype=self.param_dtype)
+    conv, norm = _conv_and_norm(self.dtype, self.param_dtype, train)
     out_features = self.features * self.expansion
     y = conv(self.features, (1, 1), padding='VALID', name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
@@ -102,12 +107,7 @@ class Bottleneck(nn.Module):
     y = nn.relu(norm(name='bn2')(y))
     y = conv(out_features, (1, 1), padding='VALID', name='conv3')(y)
     y = norm(name='bn3')(y)
-    shortcut = x
-    if self.strides != 1 or x.shape[-1] != out_features:
-      shortcut = conv(out_features, (1, 1), strides=self.strides, padding='VALID',
-                      name='downsample_conv')(x)
-      shortcut = norm(name='downsample_bn')(shortcut)
-    return nn.relu(y + shortcut)
+    return nn.relu(y + _shortcut(x, out_features, self.strides, conv, norm))
 
 
 class ResNetStage(nn.Module):
