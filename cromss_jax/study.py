@@ -91,7 +91,7 @@ METHODS_BY_KEY = {m.key: m for m in METHODS}
 
 @dataclasses.dataclass(frozen=True)
 class StudySettings:
-  """The scale of the study; the defaults fit about 45 minutes on 2 uncontended CPU cores."""
+  """The scale of the study; the defaults took 44.7 min on 2 shared CPU cores (docs/RESULTS.md)."""
   out: str
   seeds: tuple[int, ...] = (0, 1, 2)
   locations: int = 48
@@ -194,7 +194,7 @@ def _pixel_mask(batch: Mapping[str, jax.Array]) -> jax.Array:
   return jnp.broadcast_to(valid[:, None, None], batch['labels'].shape)
 
 
-def create_single_modal_task(config: ml_collections.ConfigDict, modality: str):
+def create_single_modal_task(config: ml_collections.ConfigDict, modality: str) -> train.Task:
   """A pretraining `train.Task` that trains one branch (one U-Net) on the noisy labels only.
 
   The network is the late-fusion pair of U-Nets; only the `modality` branch is used: its loss
@@ -257,7 +257,7 @@ def create_single_modal_task(config: ml_collections.ConfigDict, modality: str):
       panel_fn=None)
 
 
-def create_selection_task(config: ml_collections.ConfigDict):
+def create_selection_task(config: ml_collections.ConfigDict) -> train.Task:
   """The CromSS pretraining task whose evaluation also measures label-selection quality.
 
   After every epoch, on the validation split (centre crops, one fixed season per location,
@@ -276,7 +276,8 @@ def create_selection_task(config: ml_collections.ConfigDict):
     if 'clean_labels' not in batch:
       return sums
     z1, z2 = model.apply({'params': params, 'batch_stats': batch_stats},
-                         evaluate.unit_float(batch['s1']), evaluate.unit_float(batch['s2']), train=False)
+                         evaluate.unit_float(batch['s1']), evaluate.unit_float(batch['s2']),
+                         train=False)
     mask = _pixel_mask(batch)
     # Padded samples get an out-of-range label: no weight, no part in the class thresholds.
     labels = jnp.where(mask, batch['labels'], num_classes)
@@ -476,10 +477,12 @@ class _Progress:
   worked_units: float = 0.0
   worked_seconds: float = 0.0
   count: int = 0
+  skipped: int = 0
   total: int = 0
 
   def finish(self, what: str, units: float, seconds: float, skipped: bool) -> None:
     self.count += 1
+    self.skipped += int(skipped)
     self.done_units += units
     if not skipped:
       self.worked_units += units
@@ -501,26 +504,38 @@ def _duration(seconds: float) -> str:
 
 
 def _plan(settings: StudySettings) -> list[tuple[str, float]]:
-  """(kind, cost units) of every job, for the progress line; costs are rough relative sizes."""
-  steps = settings.epochs * settings.steps_per_epoch * (settings.crop / 96) ** 2
-  transfer_steps = settings.transfer_epochs * (settings.transfer_crop / 128) ** 2
+  """(kind, cost units) of every job, for the ETA; units are rough seconds on 2 CPU cores."""
+  pixels = (settings.crop / 96) ** 2 * settings.batch / 8
+  steps = settings.epochs * settings.steps_per_epoch
+  transfer_steps = settings.transfer_epochs * math.ceil(settings.dfc_train / settings.batch)
+  transfer_pixels = (settings.transfer_crop / 128) ** 2 * settings.batch / 8
   jobs = []
   for _ in settings.seeds:
-    jobs.append(('data', 0.2 * settings.locations))
+    jobs.append(('data', 5 + 0.6 * settings.locations))
     for key in settings.methods:
       method = METHODS_BY_KEY[key]
       if method.pretrain:
-        jobs.append(('pretrain', steps * (1.0 if method.pretrain == 'single' else 2.0)))
+        per_step = 0.9 if method.pretrain == 'single' else 1.8
+        jobs.append(('pretrain', 20 + steps * per_step * pixels))
       for _ in method.modalities:
         for setting in settings.settings:
-          jobs.append(('transfer', transfer_steps * (1.0 if setting == 'frozen' else 2.5) + 4))
+          per_step = 0.12 if setting == 'frozen' else 0.35
+          jobs.append(('transfer', 8 + transfer_steps * per_step * transfer_pixels))
   return jobs
+
+
+def _cpu_seconds() -> float:
+  """User + system CPU time of this process and its finished children."""
+  own = resource.getrusage(resource.RUSAGE_SELF)
+  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def run_study(settings: StudySettings) -> dict[str, Any]:
   """Runs (or resumes) the whole study; writes results.json, results.md and the plots."""
   os.makedirs(settings.out, exist_ok=True)
   start = time.perf_counter()
+  cpu_start = _cpu_seconds()
   load_start = os.getloadavg()
   plan = _plan(settings)
   progress = _Progress(total_units=sum(u for _, u in plan), total=len(plan))
@@ -561,22 +576,24 @@ def run_study(settings: StudySettings) -> dict[str, Any]:
                   settings, s, data['dfc2020'], m, mod, st, encoders[m.key][mod]),
               os.path.join(base, 'transfer', name, 'study_run.json'))
           transfer_runs.append(record)
-  resources = resource.getrusage(resource.RUSAGE_SELF)
-  children = resource.getrusage(resource.RUSAGE_CHILDREN)
+  results_path = os.path.join(settings.out, 'results.json')
+  invocations = _read_json(results_path).get('invocations', []) if os.path.exists(
+      results_path) else []
+  invocations.append({
+      'wall_seconds': time.perf_counter() - start, 'cpu_seconds': _cpu_seconds() - cpu_start,
+      'jobs_run': progress.count - progress.skipped, 'jobs_skipped': progress.skipped,
+      'loadavg_start': list(load_start), 'loadavg_end': list(os.getloadavg()),
+      'cpu_count': len(os.sched_getaffinity(0)),
+      'finished': time.strftime('%Y-%m-%d %H:%M:%S %Z')})
   results = {
       'settings': dataclasses.asdict(settings),
       'methods': {m.key: m.label for m in METHODS if m.key in settings.methods},
       'data': data_info,
       'pretrain': pretrain_runs,
       'transfer': transfer_runs,
-      'this_invocation': {
-          'wall_seconds': time.perf_counter() - start,
-          'cpu_seconds': (resources.ru_utime + resources.ru_stime + children.ru_utime
-                          + children.ru_stime),
-          'loadavg_start': list(load_start), 'loadavg_end': list(os.getloadavg()),
-          'cpu_count': len(os.sched_getaffinity(0))},
+      'invocations': invocations,
   }
-  _write_json(os.path.join(settings.out, 'results.json'), results)
+  _write_json(results_path, results)
   write_report(results, settings.out)
   return results
 
@@ -734,12 +751,15 @@ def markdown_report(results: Mapping[str, Any]) -> str:
                   _fmt(curve[f'sel_{m}_conf_auc'][:, e], 3)]
       lines.append('| ' + ' | '.join(cells) + ' |')
 
-  inv = results['this_invocation']
-  lines += ['', f"This invocation: {inv['wall_seconds'] / 60:.1f} min wall, "
-            f"{inv['cpu_seconds'] / 60:.1f} min CPU on {inv['cpu_count']} core(s); load average "
-            f"(1/5/15 min) {', '.join(f'{x:.1f}' for x in inv['loadavg_start'])} at the start, "
-            f"{', '.join(f'{x:.1f}' for x in inv['loadavg_end'])} at the end. Runs resumed from "
-            'an earlier invocation are not timed again.', '']
+  lines += ['', '## Run time', '']
+  for i, inv in enumerate(results['invocations'], 1):
+    lines.append(
+        f"- invocation {i} (finished {inv['finished']}): {inv['wall_seconds'] / 60:.1f} min "
+        f"wall, {inv['cpu_seconds'] / 60:.1f} min CPU on {inv['cpu_count']} core(s), "
+        f"{inv['jobs_run']} jobs run, {inv['jobs_skipped']} already done; load average "
+        f"(1/5/15 min) {', '.join(f'{x:.1f}' for x in inv['loadavg_start'])} at the start, "
+        f"{', '.join(f'{x:.1f}' for x in inv['loadavg_end'])} at the end.")
+  lines.append('')
   return '\n'.join(lines)
 
 
@@ -911,7 +931,7 @@ def main(argv):
   settings = settings_from_flags()
   configure_runtime(settings.out)
   results = run_study(settings)
-  inv = results['this_invocation']
+  inv = results['invocations'][-1]
   print(f"\nStudy finished in {_duration(inv['wall_seconds'])} "
         f"(CPU {_duration(inv['cpu_seconds'])}). Results: {settings.out}/results.md, "
         'results.json, study_miou.png, study_selection.png', flush=True)

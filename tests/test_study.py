@@ -131,3 +131,6 @@ def test_tiny_study_runs_writes_reports_and_resumes(tmp_path, capsys):
   again = study.run_study(settings)                      # resumes: nothing is trained again
   assert capsys.readouterr().out.count('done before') == 8
   assert again['transfer'] == results['transfer']
+  first, second = again['invocations']
+  assert (first['jobs_run'], first['jobs_skipped']) == (8, 0)
+  assert (second['jobs_run'], second['jobs_skipped']) == (0, 8)
