@@ -21,7 +21,6 @@ import time
 
 from absl import app
 from absl import flags
-from absl import logging
 
 from cromss_jax import logs
 

@@ -31,6 +31,7 @@ from cromss_jax import input_pipeline
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import objective
 from cromss_jax import sharding
+from cromss_jax import train
 from cromss_jax.models import decoders
 
 Batch = Mapping[str, jax.Array]
@@ -124,13 +125,9 @@ def evaluate(config: ml_collections.ConfigDict, model: nn.Module, variables: Map
   mesh = sharding.create_mesh(config) if mesh is None else mesh
   eval_fn = make_eval_fn(model, config) if eval_fn is None else eval_fn
   eval_step = jax.jit(eval_fn, out_shardings=sharding.replicated(mesh))
-  totals = None
   batches = input_pipeline.create_downstream_iterator(config, split, train=False)
-  for host_batch in model_batches(config, batches):
-    batch = sharding.host_batch_to_global(host_batch, mesh)
-    sums = jax.device_get(eval_step(variables['params'], variables['batch_stats'], batch, 0))
-    sums = {k: np.asarray(v, np.int64 if k == 'cm' else np.float64) for k, v in sums.items()}
-    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  totals, _ = train.sum_over_split(eval_step, variables['params'], variables['batch_stats'],
+                                   model_batches(config, batches), mesh, 0)
   if totals is None:
     raise ValueError(f'Split {split!r} gave no batches; nothing to evaluate.')
   scores = metrics_lib.scores_from_confusion(totals['cm'])

@@ -334,16 +334,30 @@ def init_state(task: Task, config: ml_collections.ConfigDict, mesh, tx, plateau_
   return jax.jit(make, out_shardings=shardings)(rng), shardings
 
 
-def _evaluate(task: Task, eval_step, state: TrainState, mesh) -> tuple[dict, dict | None]:
+def sum_over_split(eval_step: Callable, params, batch_stats,
+                   host_batches: Iterator[dict[str, np.ndarray]], mesh,
+                   epoch) -> tuple[dict[str, np.ndarray] | None, dict | None]:
+  """Adds eval_step's per-batch sums over a whole split; also returns its first host batch.
+
+  Sums are accumulated in float64 / int64 on the host so long splits lose no counts.
+  """
   totals: dict[str, np.ndarray] | None = None
   first_batch = None
-  epoch = state.step // task.steps_per_epoch
-  for host_batch in task.eval_iterator():
+  for host_batch in host_batches:
     if first_batch is None:
       first_batch = host_batch
     batch = sharding.host_batch_to_global(host_batch, mesh)
-    sums = jax.device_get(eval_step(state.params, state.batch_stats, batch, epoch))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    sums = jax.device_get(eval_step(params, batch_stats, batch, epoch))
+    sums = {k: np.asarray(v, np.int64 if np.issubdtype(np.asarray(v).dtype, np.integer)
+                          else np.float64) for k, v in sums.items()}
+    totals = sums if totals is None else {k: totals[k] + sums[k] for k in totals}
+  return totals, first_batch
+
+
+def _evaluate(task: Task, eval_step, state: TrainState, mesh) -> tuple[dict, dict | None]:
+  totals, first_batch = sum_over_split(eval_step, state.params, state.batch_stats,
+                                       task.eval_iterator(), mesh,
+                                       state.step // task.steps_per_epoch)
   if totals is None:
     raise TrainingError('The validation split is empty; convert with a larger --val-fraction.')
   return task.summarise(totals), first_batch
