@@ -9,8 +9,10 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from cromss_jax.cli import UserError
 
-class ConfigError(ValueError):
+
+class ConfigError(UserError, ValueError):
   """A configuration value that cannot work; the message names the key and the allowed values."""
 
 

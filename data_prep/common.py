@@ -595,18 +595,17 @@ def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],
 
 def cli_entry(run: Callable[[argparse.Namespace], dict[str, Any]],
               build_parser: Callable[[], argparse.ArgumentParser]):
-  """The three entry points of a converter module: main(argv) for scripts and tests, and the
-  (main, flags parser) pair that absl's app.run takes."""
+  """The two entry points of a converter module: `main(argv)` for scripts and tests (returns the
+  summary), and `entry()` for `python -m` (parses sys.argv, logs to stderr, exits)."""
 
   def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses `argv` (without the program name) and converts; returns the summary."""
     return cli_main(run, build_parser().parse_args(argv))
 
-  def app_main(args: argparse.Namespace) -> None:
+  def entry() -> None:
+    args = build_parser().parse_args()  # --help and usage errors: argparse's own exit status 2
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.INFO)
     cli_main(run, args)
 
-  def parse_flags(argv: Sequence[str]) -> argparse.Namespace:
-    return build_parser().parse_args(argv[1:])
-
-  return main, app_main, parse_flags
-
+  return main, entry

@@ -21,7 +21,6 @@ import os
 import re
 from typing import Any
 
-from absl import app
 from absl import logging
 from absl.flags import argparse_flags
 import numpy as np
@@ -146,11 +145,10 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   'converted by data_prep.dfc2020.')
 
 
-main, _app_main, _parse_flags = common.cli_entry(run, build_parser)
+main, _entry = common.cli_entry(run, build_parser)
 
 
 if __name__ == '__main__':
-  # Run the importable module's main so that pickled objects name `data_prep.dfc2020`.
+  # Run the importable module's entry so that pickled objects name `data_prep.dfc2020`.
   from data_prep import dfc2020 as _dfc2020  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=protected-access
-  app.run(_dfc2020._app_main, flags_parser=_dfc2020._parse_flags)
+  _dfc2020._entry()  # pylint: disable=protected-access

@@ -59,7 +59,6 @@ import hashlib
 import os
 from typing import Any, Iterator, Mapping, Sequence
 
-from absl import app
 from absl import logging
 from absl.flags import argparse_flags
 import numpy as np
@@ -336,7 +335,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                   'converted by data_prep.ssl4eo.')
 
 
-main, _app_main, _parse_flags = common.cli_entry(run, build_parser)
+main, _entry = common.cli_entry(run, build_parser)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -431,7 +430,6 @@ class Ssl4eoS12Nol(tfds.core.GeneratorBasedBuilder,
 
 
 if __name__ == '__main__':
-  # Run the importable module's main so that pickled objects name `data_prep.ssl4eo`.
+  # Run the importable module's entry so that pickled objects name `data_prep.ssl4eo`.
   from data_prep import ssl4eo as _ssl4eo  # pylint: disable=g-import-not-at-top
-  # pylint: disable-next=protected-access
-  app.run(_ssl4eo._app_main, flags_parser=_ssl4eo._parse_flags)
+  _ssl4eo._entry()  # pylint: disable=protected-access
