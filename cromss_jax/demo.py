@@ -83,8 +83,8 @@ def pretrain(dataset_dir: str, out: str) -> str:
 
 
 def export(workdir: str, out: str) -> dict[str, str]:
-  from cromss_jax import export as export_lib
-  return export_lib.export_pretrained(workdir, os.path.join(out, 'export'))
+  from cromss_jax import exports
+  return exports.export_pretrained(workdir, os.path.join(out, 'export'))
 
 
 def transfer_all(paths: dict[str, str], dfc_dir: str, out: str) -> dict[str, str]:

@@ -26,7 +26,7 @@ from absl import flags
 from absl import logging
 
 from cromss_jax import constants
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import input_pipeline
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import objective
@@ -245,11 +245,11 @@ def write_report(out_dir: str, scores: Mapping[str, Any], config: ml_collections
 # ----------------------------------------------------------------------------------------------
 def load_transfer_checkpoint(workdir: str) -> tuple[ml_collections.ConfigDict, dict, dict, int]:
   """(config, variables, meta, step) of a transfer workdir's latest checkpoint."""
-  state, meta, step = export.load_latest_checkpoint(workdir)
+  state, meta, step = exports.load_latest_checkpoint(workdir)
   if meta.get('task') != 'transfer':
     raise ValueError(f'{workdir} holds a {meta.get("task")!r} run, not a transfer run; '
                      'evaluate works on workdirs of `main --config=configs/transfer.py`.')
-  config = export.config_from_meta(meta)
+  config = exports.config_from_meta(meta)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   return config, variables, meta, int(step)
 

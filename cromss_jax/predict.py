@@ -47,7 +47,7 @@ from absl import logging
 
 from cromss_jax import constants
 from cromss_jax import evaluate
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import models
 from cromss_jax.models import decoders
 
@@ -109,7 +109,7 @@ def _transfer_predictor(workdir: str, dtype: str | None) -> Predictor:
 
 
 def _pretrain_predictor(path: str, with_s1: bool, dtype: str | None) -> Predictor:
-  variables, meta = export.load_exported(path)
+  variables, meta = exports.load_exported(path)
   if meta.get('kind') != 'pretrain_model':
     raise PredictionError(f'{path} is a {meta.get("kind")!r} export; an encoder alone cannot '
                           'classify. Use EXPORT/pretrain_model or a transfer workdir.')

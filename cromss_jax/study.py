@@ -22,7 +22,7 @@ For every seed the study
 
 Everything reuses the project's own pieces: the generator and converters, `train.Task` +
 `train.train_and_evaluate` (the single-modal runs are a `Task` whose loss is the plain
-segmentation loss of one branch of a late-fusion network), `export.export_pretrained` and
+segmentation loss of one branch of a late-fusion network), `exports.export_pretrained` and
 `transfer.run`. Outputs in DIR: results.json (every run), results.md (mean +- std over seeds),
 study_miou.png, study_selection.png. Rerunning the command skips finished work: data with its
 summary/metadata, pretrainings with their exported encoders, transfers with their metrics.json.
@@ -49,7 +49,7 @@ from configs import demo as demo_config
 from configs import transfer as transfer_cfg
 from cromss_jax import constants
 from cromss_jax import evaluate
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import logs
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import objective
@@ -434,7 +434,7 @@ def pretrain(settings: StudySettings, method: Method, seed: int,
     task = create_selection_task(config) if method.selection else train.create_pretrain_task(
         config)
   train.train_and_evaluate(config, workdir, task)
-  paths = export.export_pretrained(workdir, export_dir)
+  paths = exports.export_pretrained(workdir, export_dir)
   history = _read_json(os.path.join(workdir, 'history.json'))
   if not settings.keep_checkpoints:
     shutil.rmtree(os.path.join(workdir, 'checkpoints'), ignore_errors=True)

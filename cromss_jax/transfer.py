@@ -26,7 +26,7 @@ from absl import logging
 
 from cromss_jax import constants
 from cromss_jax import evaluate
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import input_pipeline
 from cromss_jax import models
 from cromss_jax import sharding
@@ -70,7 +70,7 @@ def load_pretrained_encoder(config: ml_collections.ConfigDict) -> dict[str, Any]
   path = config.transfer.encoder_path
   if path == 'random':
     return None
-  variables, meta = export.load_exported(os.path.expanduser(path))
+  variables, meta = exports.load_exported(os.path.expanduser(path))
   where = f'{path} (config.transfer.encoder_path)'
   if meta.get('kind') != 'encoder':
     raise ValueError(f'{where} is a {meta.get("kind")!r} export, not an encoder; use the '
@@ -84,7 +84,7 @@ def load_pretrained_encoder(config: ml_collections.ConfigDict) -> dict[str, Any]
     raise ValueError(f'{where} is a {meta.get("encoder")} but config.model.encoder='
                      f'{config.model.encoder!r}; set --config.model.encoder='
                      f'{meta.get("encoder")}.')
-  expected = export.band_metadata(modality, config.data.s2_bands)['bands']
+  expected = exports.band_metadata(modality, config.data.s2_bands)['bands']
   if list(meta.get('bands', [])) != list(expected):
     hint = (f' Set --config.data.s2_bands={len(meta.get("bands", []))}.'
             if modality == 's2' and len(meta.get('bands', [])) in constants.S2_BAND_SUBSETS
@@ -212,7 +212,7 @@ def create_transfer_task(config: ml_collections.ConfigDict) -> train.Task:
           'modality': modality, 'decoder': config.transfer.decoder,
           'encoder': config.model.encoder, 'freeze_encoder': bool(config.transfer.freeze_encoder),
           'encoder_path': config.transfer.encoder_path, 'classes': list(names),
-          'bands': export.band_metadata(modality, data.s2_bands)}})
+          'bands': exports.band_metadata(modality, data.s2_bands)}})
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:

@@ -17,7 +17,7 @@ import pytest
 
 import test_train
 from cromss_jax import constants
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import models
 
 
@@ -30,7 +30,7 @@ def exported(tmp_path_factory, request):
                          out.parent / 'export.log')
   rc = proc.wait()
   assert rc == 0, proc.tail()
-  state, meta, step = export.load_latest_checkpoint(shared['a_workdir'])
+  state, meta, step = exports.load_latest_checkpoint(shared['a_workdir'])
   return {'out': out, 'stdout': proc.text, 'state': state, 'meta': meta, 'step': step,
           'init': shared['init'],
           'variables': {'params': state['params'], 'batch_stats': state['batch_stats']}}
@@ -71,16 +71,16 @@ def test_export_cli_writes_encoders_and_model_with_metadata(exported):
 
 
 def test_band_metadata_of_subsets_follows_spec_order():
-  nine = export.band_metadata('s2', 9)
+  nine = exports.band_metadata('s2', 9)
   assert nine['bands'] == ['B2', 'B3', 'B4', 'B5', 'B6', 'B7', 'B8', 'B11', 'B12']
   assert nine['mean'] == [constants.S2_MEAN[i] for i in (1, 2, 3, 4, 5, 6, 7, 11, 12)]
-  assert export.band_metadata('s2', 3)['bands'] == ['B4', 'B3', 'B2']
-  assert 'B10' not in export.band_metadata('s2', 12)['bands']
+  assert exports.band_metadata('s2', 3)['bands'] == ['B4', 'B3', 'B2']
+  assert 'B10' not in exports.band_metadata('s2', 12)['bands']
 
 
 @pytest.mark.parametrize('modality', ['s1', 's2'])
 def test_load_exported_returns_exactly_the_checkpoint_encoder(exported, modality):
-  variables, meta = export.load_exported(str(exported['out'] / f'encoder_{modality}'))
+  variables, meta = exports.load_exported(str(exported['out'] / f'encoder_{modality}'))
   assert sorted(variables) == ['batch_stats', 'params']
   assert meta['modality'] == modality
   expected = models.extract_encoder(exported['variables'], modality)
@@ -88,21 +88,21 @@ def test_load_exported_returns_exactly_the_checkpoint_encoder(exported, modality
 
 
 def test_load_exported_model_is_the_whole_checkpoint_network(exported):
-  variables, meta = export.load_exported(str(exported['out'] / 'pretrain_model'))
+  variables, meta = exports.load_exported(str(exported['out'] / 'pretrain_model'))
   assert meta['kind'] == 'pretrain_model'
   assert sorted(variables['params']) == ['decoder', 'encoder_s1', 'encoder_s2']
   _assert_same_tree(variables, exported['variables'], 'exported pretrain_model')
 
 
 def test_exported_s2_encoder_in_a_fresh_model_reproduces_the_features(exported):
-  config = export.config_from_meta(exported['meta'])
+  config = exports.config_from_meta(exported['meta'])
   model = models.build_pretrain_model(config.model, config.objective.num_classes,
                                       config.data.s2_bands)
   s2 = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 64, 64, 13)), jnp.float32)
   # The run's freshly initialised network (train.init_state, before any step).
   initial = dict(np.load(exported['init']))
   fresh = {c: test_train.unflat(initial, c) for c in ('params', 'batch_stats')}
-  encoder, _ = export.load_exported(str(exported['out'] / 'encoder_s2'))
+  encoder, _ = exports.load_exported(str(exported['out'] / 'encoder_s2'))
   inserted = models.insert_encoder(fresh, encoder, 's2')
 
   @jax.jit
@@ -130,6 +130,6 @@ def test_exported_s2_encoder_in_a_fresh_model_reproduces_the_features(exported):
 def test_load_exported_rejects_a_non_export(tmp_path):
   (tmp_path / 'not_an_export').mkdir()
   with pytest.raises(FileNotFoundError, match='python -m cromss_jax.export'):
-    export.load_exported(str(tmp_path / 'not_an_export'))
+    exports.load_exported(str(tmp_path / 'not_an_export'))
   with pytest.raises(FileNotFoundError, match='train first'):
-    export.export_pretrained(str(tmp_path / 'empty_workdir'), str(tmp_path / 'out'))
+    exports.export_pretrained(str(tmp_path / 'empty_workdir'), str(tmp_path / 'out'))

@@ -37,7 +37,7 @@ import pytest
 
 from configs import demo as demo_config
 from configs import pretrain as pretrain_config
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import input_pipeline
 from cromss_jax import sharding
 from cromss_jax import train
@@ -702,8 +702,8 @@ def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_
   runs.append(f'run 4: resumed at {stopped}, finished')
   print('\n'.join(runs))
 
-  b_state, b_meta, b_step = export.load_latest_checkpoint(str(workdir))
-  a_state, a_meta, a_step = export.load_latest_checkpoint(shared['a_workdir'])
+  b_state, b_meta, b_step = exports.load_latest_checkpoint(str(workdir))
+  a_state, a_meta, a_step = exports.load_latest_checkpoint(shared['a_workdir'])
   assert b_step == a_step == TOTAL_STEPS
   assert_trees_equal(b_state, a_state, 'killed/resumed run vs run A')   # bitwise
   assert b_meta['history'] == a_meta['history']
@@ -794,5 +794,5 @@ def test_export_reads_checkpoint_of_multiprocess_run(shared, tmp_path):
   mp = shared.get('mp')
   assert mp is not None, 'the two-process run was not started'
   assert all(proc.wait() == 0 for proc in mp['procs']), 'the two-process run failed'
-  state, _, step = export.load_latest_checkpoint(mp['workdir'])
+  state, _, step = exports.load_latest_checkpoint(mp['workdir'])
   assert step == 2 and 'params' in state

@@ -19,7 +19,7 @@ import tensorflow_datasets as tfds
 from configs import transfer as transfer_config
 from cromss_jax import constants
 from cromss_jax import evaluate
-from cromss_jax import export
+from cromss_jax import exports
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import train
 from cromss_jax import transfer
@@ -102,7 +102,7 @@ def write_encoder_export(folder: str, modality: str = 's2', bands: int = 13,
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(path, variables)
   meta = dict(kind='encoder', modality=modality, encoder=encoder, source_step=7,
-              **export.band_metadata(modality, bands))
+              **exports.band_metadata(modality, bands))
   with open(path + '.json', 'w') as f:
     json.dump(meta, f)
   return path, variables
@@ -293,7 +293,7 @@ def test_exported_encoder_is_inserted_exactly_and_mismatches_are_refused(dfc_dir
   other, _ = write_encoder_export(str(tmp_path / 'r34'), encoder='resnet34')
   with pytest.raises(ValueError, match='does not fit'):
     transfer.insert_pretrained_encoder(_random_like(abstract, seed=5),
-                                       export.load_exported(other)[0])
+                                       exports.load_exported(other)[0])
 
   with pytest.raises(ValueError, match='modality'):
     transfer.load_pretrained_encoder(_config(dfc_dir, encoder_path=path, modality='s1'))
@@ -335,7 +335,7 @@ def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monk
   assert history[-1]['miou'] == pytest.approx(scores['miou'], abs=1e-6)
 
   # Through the real loop: the frozen encoder is still exactly the exported one.
-  state, _, _ = export.load_latest_checkpoint(workdir)
+  state, _, _ = exports.load_latest_checkpoint(workdir)
   for collection in ('params', 'batch_stats'):
     got = flax.traverse_util.flatten_dict(state[collection]['encoder'])
     want = flax.traverse_util.flatten_dict(exported[collection])

@@ -1,0 +1,1 @@
+"""Command-line applications: thin wrappers that parse flags and call the library."""

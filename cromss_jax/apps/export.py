@@ -1,0 +1,31 @@
+"""`python -m cromss_jax.export --workdir DIR --out EXPORT`: both encoders of a pretraining run."""
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+from absl import flags
+
+from cromss_jax import cli
+from cromss_jax import exports
+
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Pretraining workdir (with checkpoints/).')
+_OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  if not _WORKDIR.value or not _OUT.value:
+    raise cli.UserError('--workdir and --out are required')
+  paths = exports.export_pretrained(_WORKDIR.value, _OUT.value)
+  for name, path in paths.items():
+    print(f'{name}: {path}  (+ {os.path.basename(path)}.json)')
+
+
+def run() -> None:
+  cli.run_absl(main)
+
+
+if __name__ == '__main__':
+  run()
