@@ -14,7 +14,6 @@ from the table below, or --peak_tflops.
 """
 from __future__ import annotations
 
-import functools
 import json
 import os
 import sys
@@ -23,7 +22,6 @@ import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import app
 from absl import flags
@@ -78,7 +76,8 @@ def _print_table(title: str, rows: list[tuple[str, Any]], figures: dict) -> None
 def benchmark_step() -> dict:
   """Compile time, step time, images/s, MFU and memory of the full pretraining step."""
   from configs import pretrain
-  from cromss_jax import models, sharding, train
+  from cromss_jax import sharding, train
+  from cromss_jax.tasks import pretrain as pretrain_task
 
   config = pretrain.get_config()
   config.model.encoder = FLAGS.encoder
@@ -88,21 +87,10 @@ def benchmark_step() -> dict:
   config.data.crop_size = FLAGS.size
   config.training.global_batch_size = FLAGS.batch
   size, batch = FLAGS.size, FLAGS.batch
-  obj_cfg = config.objective
-  model = models.build_pretrain_model(config.model, obj_cfg.num_classes, FLAGS.s2_bands)
-  task = train.Task(
-      name='benchmark', model=model,
-      init_batch=lambda: {'s1': np.zeros((1, size, size, 2), np.uint8),
-                          's2': np.zeros((1, size, size, FLAGS.s2_bands), np.uint8)},
-      apply_init=lambda m, rng, b: m.init(rng, b['s1'].astype(jnp.float32),
-                                          b['s2'].astype(jnp.float32), train=False),
-      loss_fn=train.pretrain_loss_fn(model, obj_cfg), eval_fn=None, summarise=None,
-      train_iterator=None, eval_iterator=None, steps_per_epoch=1000,
-      global_batch_size=batch)
+  learner = pretrain_task.create_pretrain_learner(config)
   mesh = sharding.create_mesh(config)
   tx = train.create_optimizer(config.optimizer)
-  plateau_tx = train.create_plateau(config)
-  state, state_sh = train.init_state(task, config, mesh, tx, plateau_tx)
+  state, state_sh = train.init_state(learner, config, mesh, tx, train.create_plateau(config))
 
   rng = np.random.default_rng(0)
   host_batch = {
@@ -113,11 +101,8 @@ def benchmark_step() -> dict:
       'season': rng.integers(0, 4, (batch,)).astype(np.int32),
   }
   batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(mesh))
-  step_fn = jax.jit(
-      functools.partial(train.train_step, loss_fn=task.loss_fn, tx=tx,
-                        lr_fn=train.learning_rate_fn(config, 1000), steps_per_epoch=1000),
-      in_shardings=(state_sh, sharding.batch_sharding(mesh)),
-      out_shardings=(state_sh, sharding.replicated(mesh)), donate_argnums=0)
+  step_fn = train.make_train_step(learner, config, mesh, state_sh, steps_per_epoch=1000,
+                                  total_steps=1000, tx=tx)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays).compile()

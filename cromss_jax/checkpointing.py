@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 from absl import logging
+
+from cromss_jax import cli
 
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -33,11 +36,45 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, meta: dict) -> N
 
 def restore_latest(manager: ocp.CheckpointManager,
                    abstract_state: Any) -> tuple[Any, dict] | None:
-  """(state, meta) of the latest complete checkpoint, placed per the abstract state's shardings."""
-  step = manager.latest_step()
-  if step is None:
+  """(state, meta) of the newest readable checkpoint, placed per the abstract state's shardings.
+
+  A checkpoint that cannot be read (corrupted or truncated files) is skipped with a warning and
+  the previous one is tried, so a damaged latest checkpoint costs one interval, not the run.
+  None when there is no checkpoint at all.
+  """
+  steps = sorted(manager.all_steps(), reverse=True)
+  if not steps:
     return None
-  restored = manager.restore(step, args=ocp.args.Composite(
-      state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
-  logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
-  return restored['state'], dict(restored['meta'])
+  failures = []
+  for step in steps:
+    try:
+      restored = manager.restore(step, args=ocp.args.Composite(
+          state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+    except Exception as err:  # pylint: disable=broad-except  (any unreadable file)
+      text = ' '.join(str(err).split())[:300]
+      logging.warning('Checkpoint at step %d in %s cannot be read (%s: %s); trying the '
+                      'previous one.', step, manager.directory, type(err).__name__, text)
+      failures.append(f'step {step}: {type(err).__name__}: {text}')
+      continue
+    logging.info('Restored checkpoint at step %d from %s', step, manager.directory)
+    if failures:
+      _set_aside_newer(manager, step)
+    return restored['state'], dict(restored['meta'])
+  raise cli.UserError(f'no checkpoint in {manager.directory} can be restored ('
+                      f'{"; ".join(failures)}); if the model or config changed, use another '
+                      '--workdir')
+
+
+def _set_aside_newer(manager: ocp.CheckpointManager, good_step: int) -> None:
+  """Moves unreadable checkpoints newer than `good_step` out of the way (kept for inspection),
+  so that the resumed run can save those steps again."""
+  directory = os.fspath(manager.directory)
+  aside = os.path.join(os.path.dirname(directory), 'unreadable_checkpoints')
+  if '://' not in directory and jax.process_index() == 0:
+    for step in manager.all_steps():
+      if step > good_step:
+        os.makedirs(aside, exist_ok=True)
+        target = os.path.join(aside, f'{step}.{os.getpid()}')
+        os.replace(os.path.join(directory, str(step)), target)
+        logging.warning('Moved the unreadable checkpoint of step %d to %s.', step, target)
+  manager.reload()

@@ -28,8 +28,8 @@ from absl import logging
 from cromss_jax import constants
 from cromss_jax import exports
 from cromss_jax import input_pipeline
+from cromss_jax.losses import masked_segmentation_loss, valid_pixels
 from cromss_jax import metrics as metrics_lib
-from cromss_jax import objective
 from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax.models import decoders
@@ -44,33 +44,12 @@ def unit_float(x: jax.Array) -> jax.Array:
 
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
   num_classes = int(config.objective.num_classes)
+  named = tuple(config.data.get('class_names', None) or ())  # e.g. configs/transfer_dw.py
+  if len(named) == num_classes:
+    return named
   if num_classes == len(constants.DFC_DW8_CLASSES):
     return constants.DFC_DW8_CLASSES
   return tuple(f'class {i}' for i in range(num_classes))
-
-
-def valid_pixels(labels: jax.Array, num_classes: int, ignore_label: int) -> jax.Array:
-  """Pixels whose label is a real class (not the ignore label, inside [0, C))."""
-  return (labels != ignore_label) & (labels >= 0) & (labels < num_classes)
-
-
-def masked_segmentation_loss(logits: jax.Array, labels: jax.Array, num_classes: int,
-                             seg_losses: tuple[str, ...], ignore_label: int,
-                             mask: jax.Array | None = None) -> jax.Array:
-  """The configured CE / Dice / focal sum over valid pixels only (training and evaluation).
-
-  Ignored pixels get weight 0 AND an all-zero target, so they add nothing to any term, and
-  their logits get no gradient; the math is objective.segmentation_loss with the valid-pixel
-  mask as the per-pixel weights.
-  """
-  valid = valid_pixels(labels, num_classes, ignore_label)
-  if mask is not None:
-    valid &= mask.astype(bool)
-  weights = valid.astype(jnp.float32)
-  targets = jax.nn.one_hot(jnp.where(valid, labels, 0), num_classes,
-                           dtype=jnp.float32) * weights[..., None]
-  return objective.segmentation_loss(logits.astype(jnp.float32), targets, weights,
-                                     tuple(seg_losses))
 
 
 def make_eval_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callable:

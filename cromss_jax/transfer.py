@@ -151,11 +151,11 @@ def make_loss_fn(model: decoders.TransferModel, config: ml_collections.ConfigDic
 
 
 def trainable_fn(config: ml_collections.ConfigDict):
-  """Which parameter paths the optimiser updates; None = all of them."""
+  """Which parameter paths the optimiser updates."""
   unused = decoders.unused_encoder_stages(config.transfer.decoder)
   freeze = bool(config.transfer.freeze_encoder)
   if not freeze and not unused:
-    return None
+    return train.train_everything
 
   def trainable(path: tuple[str, ...]) -> bool:
     if not path or path[0] != 'encoder':
@@ -200,31 +200,35 @@ def create_transfer_task(config: ml_collections.ConfigDict) -> train.Task:
 
   names = evaluate.class_names(config)
   return train.Task(
-      name='transfer', model=model, init_batch=init_batch, apply_init=apply_init,
-      loss_fn=make_loss_fn(model, config), eval_fn=evaluate.make_eval_fn(model, config),
-      summarise=evaluate.summarise,
-      train_iterator=lambda start: batches(data.train_split, True, start),
-      eval_iterator=lambda: batches(data.test_split, False),
-      steps_per_epoch=info.steps_per_epoch,
-      global_batch_size=config.training.global_batch_size,
-      trainable=trainable_fn(config),
-      export_meta={'transfer': {
+      name='transfer',
+      learner=train.Learner(model=model, init_batch=init_batch, apply_init=apply_init,
+                            loss_fn=make_loss_fn(model, config),
+                            trainable=trainable_fn(config)),
+      data=train.Data(train_iterator=lambda start: batches(data.train_split, True, start),
+                      steps_per_epoch=info.steps_per_epoch,
+                      global_batch_size=config.training.global_batch_size),
+      evaluation=train.Evaluation(eval_fn=evaluate.make_eval_fn(model, config),
+                                  summarise=evaluate.summarise,
+                                  eval_iterator=lambda: batches(data.test_split, False)),
+      checkpoint_meta={'transfer': {
           'modality': modality, 'decoder': config.transfer.decoder,
           'encoder': config.model.encoder, 'freeze_encoder': bool(config.transfer.freeze_encoder),
           'encoder_path': config.transfer.encoder_path, 'classes': list(names),
           'bands': exports.band_metadata(modality, data.s2_bands)}})
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def run(config: ml_collections.ConfigDict, workdir: str, *,
+        allow_config_change: bool = False) -> dict[str, Any]:
   """Trains (or resumes) a transfer run, then writes the final test-split report."""
   task = create_transfer_task(config)
   logging.info('Transfer: %s, %d steps/epoch, %d epochs.', evaluate.run_name(config),
-               task.steps_per_epoch, config.training.num_epochs)
-  state = train.train_and_evaluate(config, workdir, task)
+               task.data.steps_per_epoch, config.training.num_epochs)
+  state = train.train_and_evaluate(config, workdir, task,
+                                   allow_config_change=allow_config_change)
   mesh = sharding.create_mesh(config)
-  scores = evaluate.evaluate(config, task.model,
+  scores = evaluate.evaluate(config, task.learner.model,
                              {'params': state.params, 'batch_stats': state.batch_stats},
-                             config.data.test_split, mesh, task.eval_fn)
+                             config.data.test_split, mesh, task.evaluation.eval_fn)
   if jax.process_index() == 0:
     paths = evaluate.write_report(workdir, scores, config, step=int(jax.device_get(state.step)))
     logging.info('Final %s: mIoU %.2f  OA %.2f  AA %.2f  mF1 %.2f -> %s', config.data.test_split,

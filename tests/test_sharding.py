@@ -14,7 +14,8 @@ _DRIVER = textwrap.dedent('''
     import functools, json
     import jax, jax.numpy as jnp, numpy as np
     from configs import pretrain
-    from cromss_jax import models, sharding, train
+    from cromss_jax import sharding, train
+    from cromss_jax.tasks import pretrain as pretrain_task
     from cromss_jax.config_validation import ConfigError, validate_mesh
 
     def run(data, fsdp, devices):
@@ -23,22 +24,13 @@ _DRIVER = textwrap.dedent('''
       cfg.model.compute_dtype = 'float32'
       cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
       size, batch = 64, 4
-      model = models.build_pretrain_model(cfg.model, 9, 13)
-      task = train.Task(
-          name='t', model=model,
-          init_batch=lambda: {'s1': np.zeros((1, size, size, 2), np.uint8),
-                              's2': np.zeros((1, size, size, 13), np.uint8)},
-          apply_init=lambda m, rng, b: m.init(rng, b['s1'].astype(jnp.float32),
-                                              b['s2'].astype(jnp.float32), train=False),
-          loss_fn=train.pretrain_loss_fn(model, cfg.objective), eval_fn=None, summarise=None,
-          train_iterator=None, eval_iterator=None, steps_per_epoch=10, global_batch_size=batch)
+      cfg.data.crop_size = size
+      learner = pretrain_task.create_pretrain_learner(cfg)
       mesh = sharding.create_mesh(cfg, devices)
       tx = train.create_optimizer(cfg.optimizer)
-      state, shardings = train.init_state(task, cfg, mesh, tx, train.create_plateau(cfg))
-      step = jax.jit(functools.partial(train.train_step, loss_fn=task.loss_fn, tx=tx,
-                                       lr_fn=train.learning_rate_fn(cfg, 10), steps_per_epoch=10),
-                     in_shardings=(shardings, sharding.batch_sharding(mesh)),
-                     out_shardings=(shardings, sharding.replicated(mesh)), donate_argnums=0)
+      state, shardings = train.init_state(learner, cfg, mesh, tx, train.create_plateau(cfg))
+      step = train.make_train_step(learner, cfg, mesh, shardings, steps_per_epoch=10,
+                                   total_steps=10, tx=tx)
       rng = np.random.default_rng(0)
       losses, after_first = [], None
       for _ in range(2):

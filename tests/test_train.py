@@ -41,6 +41,8 @@ from cromss_jax import exports
 from cromss_jax import input_pipeline
 from cromss_jax import sharding
 from cromss_jax import train
+from cromss_jax.tasks import pretrain
+from cromss_jax.train import state as state_lib
 from cromss_jax.config_validation import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -262,8 +264,8 @@ def _make_dataset(root: Path) -> str:
 def _save_initial_state(dataset_dir: str, path: Path) -> None:
   """train.init_state of the tiny config (the same program run A compiles) as numpy."""
   config = tiny_config(dataset_dir)
-  task = train.create_pretrain_task(config)
-  state, _ = train.init_state(task, config, sharding.create_mesh(config),
+  learner = pretrain.create_pretrain_learner(config)
+  state, _ = train.init_state(learner, config, sharding.create_mesh(config),
                               train.create_optimizer(config.optimizer),
                               train.create_plateau(config))
   np.savez(path, **flat(state))
@@ -287,21 +289,23 @@ _DRIVER = r'''
 import dataclasses, os, sys
 import numpy as np
 from absl import flags, logging
-from cromss_jax import main as cli
+from cromss_jax.apps import main as cli
 from cromss_jax import logs
 
 batches_path, init_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 flags.FLAGS(['driver'] + argv)
 logging.use_absl_handler()
 logs.quiet_libraries()
-cli._initialise_distributed()   # --coordinator_address/--num_processes/--process_id
+cli.initialise_distributed()   # --coordinator_address/--num_processes/--process_id
 
 import jax
 from cromss_jax import sharding, train
+from cromss_jax.tasks import pretrain
+from cromss_jax.train import state as state_lib
 
 config = cli._CONFIG.value
 workdir = cli._WORKDIR.value
-task = train.create_pretrain_task(config)
+task = pretrain.create_pretrain_task(config)
 data = np.load(batches_path)
 mesh = sharding.create_mesh(config)
 # The rows of the global batch that this process's device holds.
@@ -317,8 +321,9 @@ def train_iterator(start):
   for step in range(start, 2):
     yield part(f'train{step}')
 
-task = dataclasses.replace(task, train_iterator=train_iterator,
-                           eval_iterator=lambda: iter([part('val')]))
+task = dataclasses.replace(
+    task, data=dataclasses.replace(task.data, train_iterator=train_iterator),
+    evaluation=dataclasses.replace(task.evaluation, eval_iterator=lambda: iter([part('val')])))
 
 def name(entry):
   for attr in ('key', 'idx', 'name'):
@@ -329,10 +334,11 @@ def name(entry):
 # train.init_state's values (computed by the test from the same seed), placed with its
 # shardings: saves compiling the init program (~25 CPU-s) in each process.
 initial = np.load(init_path)
-original_init_state = train.init_state
+original_init_state = state_lib.init_state
 
-def init_state_from_host(task, config, mesh, tx, plateau_tx):
-  abstract = jax.eval_shape(lambda: original_init_state(task, config, mesh, tx, plateau_tx)[0])
+def init_state_from_host(learner, config, mesh, tx, plateau_tx):
+  abstract = jax.eval_shape(
+      lambda: original_init_state(learner, config, mesh, tx, plateau_tx)[0])
   shardings = sharding.state_shardings(mesh, abstract)
   paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   leaves = [jax.make_array_from_process_local_data(
@@ -340,7 +346,7 @@ def init_state_from_host(task, config, mesh, tx, plateau_tx):
             for (path, _), s in zip(paths, jax.tree.leaves(shardings))]
   return jax.tree.unflatten(treedef, leaves), shardings
 
-train.init_state = init_state_from_host
+state_lib.init_state = init_state_from_host
 state = train.train_and_evaluate(config, workdir, task)
 
 # This process's copy of the (replicated) state; the optimiser moments are left out (size).
@@ -380,9 +386,9 @@ def _launch_multiprocess(root: Path, dataset_dir: str) -> dict:
 def _run_a(dataset_dir: str, workdir: Path) -> dict:
   """Run A in-process, counting how often the train and eval functions are traced."""
   config = tiny_config(dataset_dir, **{'training.panel_every_epochs': 1})
-  task = train.create_pretrain_task(config)
+  task = pretrain.create_pretrain_task(config)
   traces = {'loss_fn': 0, 'eval_fn': 0}
-  loss_fn, eval_fn = task.loss_fn, task.eval_fn
+  loss_fn, eval_fn = task.learner.loss_fn, task.evaluation.eval_fn
 
   def counted_loss(*args):
     traces['loss_fn'] += 1
@@ -392,7 +398,9 @@ def _run_a(dataset_dir: str, workdir: Path) -> dict:
     traces['eval_fn'] += 1
     return eval_fn(*args)
 
-  task = dataclasses.replace(task, loss_fn=counted_loss, eval_fn=counted_eval)
+  task = dataclasses.replace(
+      task, learner=dataclasses.replace(task.learner, loss_fn=counted_loss),
+      evaluation=dataclasses.replace(task.evaluation, eval_fn=counted_eval))
   start = time.perf_counter()
   state = train.train_and_evaluate(config, str(workdir), task)
   return {'state': state, 'traces': traces, 'config': config,
@@ -448,12 +456,12 @@ def test_config_errors_fail_before_compiling(shared, tmp_path, monkeypatch, chan
 
   def no_compile(*args, **kwargs):
     raise AssertionError('init_state (the first compilation) ran before the config was rejected')
-  monkeypatch.setattr(train, 'init_state', no_compile)
+  monkeypatch.setattr(state_lib, 'init_state', no_compile)
   if devices != 1:   # what train_and_evaluate sees on a machine with `devices` devices
     monkeypatch.setattr(jax, 'device_count', lambda: devices)
   workdir = tmp_path / 'w'
   with pytest.raises((ConfigError, ValueError)) as info:
-    train.train_and_evaluate(config, str(workdir), None)
+    train.train_and_evaluate(config, str(workdir), pretrain.create_pretrain_task(config))
   message = str(info.value)
   for pattern in expected:
     assert re.search(pattern, message), f'{pattern!r} not in {message!r}'
@@ -466,7 +474,7 @@ def test_cli_rejects_a_bad_override_naming_the_key(shared, tmp_path):
   assert proc.wait() != 0
   assert re.search(r"config\.objective\.consistency='foo' is not allowed; expected one of "
                    r"'ce', 'kl', 'mse', 'none'", proc.text), proc.tail()
-  assert 'ConfigError' in proc.text and 'step 1/' not in proc.text
+  assert 'Traceback' not in proc.text and 'step 1/' not in proc.text
   assert not (tmp_path / 'w').exists()
 
 
@@ -553,12 +561,16 @@ def _toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=Non
       step += 1
 
   return train.Task(
-      name='toy', model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
-      apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
-      loss_fn=loss_fn, eval_fn=eval_fn,
-      summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
-      train_iterator=train_iterator, eval_iterator=lambda: iter([_toy_batch(10_000)]),
-      steps_per_epoch=steps_per_epoch, global_batch_size=4)
+      name='toy',
+      learner=train.Learner(
+          model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
+          apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
+          loss_fn=loss_fn),
+      data=train.Data(train_iterator=train_iterator, steps_per_epoch=steps_per_epoch,
+                      global_batch_size=4),
+      evaluation=train.Evaluation(
+          eval_fn=eval_fn, summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
+          eval_iterator=lambda: iter([_toy_batch(10_000)])))
 
 
 def _toy_config(num_epochs: int, max_nonfinite: int = 3):
@@ -624,9 +636,11 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, 
 
   k=1 is the last step of epoch 1, where the regular epoch checkpoint is also due.
   """
-  state = train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path),
-                                   _toy_task(2, sigterm_before={signal_step}))
-  assert int(state.step) == signal_step + 1
+  with pytest.raises(train.Preempted) as stopped:
+    train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path),
+                             _toy_task(2, sigterm_before={signal_step}))
+  assert stopped.value.step == signal_step + 1
+  assert int(stopped.value.state.step) == signal_step + 1
   assert complete_steps(tmp_path)[-1] == signal_step + 1
   assert signal.getsignal(signal.SIGTERM) is not None   # the previous handler is back
   final = train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path), _toy_task(2))
@@ -679,14 +693,14 @@ def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_
   runs.append(f'run 2: SIGKILL during the write of step {tmp_step} ({tmp_name} left behind); '
               f'complete: {complete_steps(workdir)}')
 
-  # (3) SIGTERM mid-run: checkpoint at the step it stops at, exit code 0.
+  # (3) SIGTERM mid-run: checkpoint at the step it stops at, exit status 143 (requeue me).
   resume = complete_steps(workdir)[-1]
   proc = Proc(command, tmp_path / 'run3.log')
   proc.wait_for(rf'Resuming at step {resume} ')
   proc.wait_for(rf'step {resume + 1}/{TOTAL_STEPS} ')
   proc.p.send_signal(signal.SIGTERM)
   rc = proc.wait()
-  assert rc == 0, f'SIGTERM run exited with {rc}:\n{proc.tail()}'
+  assert rc == 143, f'SIGTERM run exited with {rc}:\n{proc.tail()}'
   stopped = int(re.search(r'Stopped for preemption at step (\d+)', proc.text).group(1))
   assert resume < stopped <= TOTAL_STEPS
   assert complete_steps(workdir)[-1] == stopped

@@ -1,0 +1,55 @@
+"""The train state: one dataclass with everything a run needs to continue where it stopped."""
+from __future__ import annotations
+
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from cromss_jax import sharding
+from cromss_jax.train.task import Learner
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue exactly where it stopped."""
+  step: jax.Array
+  params: Any
+  batch_stats: Any
+  opt_state: Any
+  plateau: Any            # optax reduce-on-plateau state; its `scale` multiplies the LR
+  rng: jax.Array
+  nonfinite_streak: jax.Array
+  nonfinite_total: jax.Array
+
+
+def _state_factory(learner: Learner, config: ml_collections.ConfigDict, tx, plateau_tx):
+  def make(rng):
+    init_rng, state_rng = jax.random.split(rng)
+    variables = learner.apply_init(learner.model, init_rng, learner.init_batch())
+    params = variables['params']
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get('batch_stats', {}),
+                      opt_state=tx.init(params), plateau=plateau_tx.init(params),
+                      rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32),
+                      nonfinite_total=jnp.zeros((), jnp.int32))
+  return make, jax.random.PRNGKey(config.seed)
+
+
+def abstract_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
+  """(shape/dtype/sharding tree of the state, shardings), without computing anything."""
+  make, rng = _state_factory(learner, config, tx, plateau_tx)
+  shapes = jax.eval_shape(make, rng)
+  shardings = sharding.state_shardings(mesh, shapes)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          shapes, shardings)
+  return abstract, shardings
+
+
+def init_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
+  """The initial state, created directly with its shardings (no host-side copy)."""
+  make, rng = _state_factory(learner, config, tx, plateau_tx)
+  _, shardings = abstract_state(learner, config, mesh, tx, plateau_tx)
+  return jax.jit(make, out_shardings=shardings)(rng), shardings
