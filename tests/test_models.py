@@ -20,7 +20,7 @@ import pytest
 from flax import traverse_util
 
 from cromss_jax import models
-from cromss_jax.models import __main__ as summary_cli
+from cromss_jax.apps import model_summary as summary_cli
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64

@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from cromss_jax import study
+from cromss_jax.apps import study
+from cromss_jax.tasks import ablations
 
 
 def _pairwise_auc(wrong: np.ndarray, correct: np.ndarray) -> float:
@@ -35,9 +36,9 @@ def test_selection_summary_matches_hand_computation():
                     [1, 1, 3, 3, 4, 5]])      # wrong at (1,0) and (1,2)
   mask = np.ones_like(clean, bool)
   mask[1, 5] = False                          # a padded pixel: must not count
-  sums = study.selection_sums(jnp.asarray(weights), jnp.asarray(noisy), jnp.asarray(clean),
+  sums = ablations.selection_sums(jnp.asarray(weights), jnp.asarray(noisy), jnp.asarray(clean),
                               jnp.asarray(mask))
-  summary = study.selection_summary({k: np.asarray(v) for k, v in sums.items()})
+  summary = ablations.selection_summary({k: np.asarray(v) for k, v in sums.items()})
 
   counted = mask.ravel()
   w = weights.ravel()[counted]
@@ -56,26 +57,26 @@ def test_selection_summary_matches_hand_computation():
 
 
 def test_histogram_auc_extremes_and_random_scores():
-  bins = study.SELECTION_BINS + 1
+  bins = ablations.SELECTION_BINS + 1
   perfect_wrong = np.zeros(bins)
   perfect_wrong[0] = 5                        # all wrong labels at weight ~0
   perfect_correct = np.zeros(bins)
   perfect_correct[-1] = 7                     # all correct labels at weight 1
-  assert study.histogram_auc(perfect_wrong, perfect_correct) == 1.0
-  assert study.histogram_auc(perfect_correct, perfect_wrong) == 0.0
-  assert study.histogram_auc(perfect_wrong, perfect_wrong) == 0.5
-  assert np.isnan(study.histogram_auc(np.zeros(bins), perfect_correct))
+  assert ablations.histogram_auc(perfect_wrong, perfect_correct) == 1.0
+  assert ablations.histogram_auc(perfect_correct, perfect_wrong) == 0.0
+  assert ablations.histogram_auc(perfect_wrong, perfect_wrong) == 0.5
+  assert np.isnan(ablations.histogram_auc(np.zeros(bins), perfect_correct))
 
   rng = np.random.default_rng(0)
   # Scores on the bucket grid: the histogram AUC is then exact.
-  wrong = rng.integers(0, study.SELECTION_BINS + 1, 40) / study.SELECTION_BINS
-  correct = rng.integers(20, study.SELECTION_BINS + 1, 60) / study.SELECTION_BINS
+  wrong = rng.integers(0, ablations.SELECTION_BINS + 1, 40) / ablations.SELECTION_BINS
+  correct = rng.integers(20, ablations.SELECTION_BINS + 1, 60) / ablations.SELECTION_BINS
   scores = np.concatenate([wrong, correct]).astype(np.float32)
   noisy = np.concatenate([np.ones(40), np.zeros(60)]).astype(np.int32)
   clean = np.zeros(100, np.int32)
-  sums = study.selection_sums(jnp.asarray(scores), jnp.asarray(noisy), jnp.asarray(clean),
+  sums = ablations.selection_sums(jnp.asarray(scores), jnp.asarray(noisy), jnp.asarray(clean),
                               jnp.ones(100, bool))
-  summary = study.selection_summary({k: np.asarray(v) for k, v in sums.items()})
+  summary = ablations.selection_summary({k: np.asarray(v) for k, v in sums.items()})
   assert summary['auc'] == pytest.approx(_pairwise_auc(scores[:40], scores[40:]))
   assert summary['mean_wrong'] == pytest.approx(scores[:40].mean(), rel=1e-6)
 

@@ -1,0 +1,237 @@
+"""Benchmarks: the compiled pretraining step, the input pipeline, and GeoTIFF conversion.
+
+  python -m cromss_jax.benchmark step  --encoder resnet50 --fusion mid --batch 128 --size 256 \
+      --steps 20 --dtype bf16
+  python -m cromss_jax.benchmark input [--dataset_dir DIR]      # samples/s of tf.data
+  python -m cromss_jax.benchmark convert [--locations 16]       # locations/s of data_prep.ssl4eo
+
+Each mode prints a human-readable table and, as its LAST stdout line, one JSON object with the
+figures. The step is timed on device-resident synthetic inputs (no input pipeline), after
+warm-up, each step individually with block_until_ready; the median and the 10th/90th
+percentiles are reported. MFU counts 129.73 GFLOP per 256x256 sample (SPEC §3: forward +
+backward of both branches), scaled by (size/256)^2, over the device's dense bf16 (or f32) peak
+from the table below, or --peak_tflops.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+from absl import flags
+from absl import logging
+
+from cromss_jax import cli
+
+GFLOP_PER_SAMPLE_256 = 129.73
+# Dense peak TFLOP/s per chip by (device kind substring, dtype); vendor figures.
+PEAK_TFLOPS = {
+    ('H200', 'bf16'): 989.0, ('H200', 'f32'): 67.0,
+    ('H100', 'bf16'): 989.0, ('H100', 'f32'): 67.0,
+    ('A100', 'bf16'): 312.0, ('A100', 'f32'): 19.5,
+    ('TPU v4', 'bf16'): 275.0, ('TPU v5 lite', 'bf16'): 197.0, ('TPU v5e', 'bf16'): 197.0,
+    ('TPU v5p', 'bf16'): 459.0, ('TPU v6', 'bf16'): 918.0,
+}
+
+_MODE_HELP = 'step (default), input or convert'
+flags.DEFINE_string('encoder', 'resnet50', 'step: resnet18 | resnet34 | resnet50')
+flags.DEFINE_string('fusion', 'mid', 'step: mid | late')
+flags.DEFINE_integer('batch', 4, 'step: global batch size')
+flags.DEFINE_integer('size', 128, 'step: crop size in pixels')
+flags.DEFINE_integer('steps', 10, 'step: timed steps after warm-up')
+flags.DEFINE_integer('warmup', 2, 'step: untimed steps after compilation')
+flags.DEFINE_enum('dtype', 'f32', ['bf16', 'f32'], 'step: compute dtype')
+flags.DEFINE_integer('s2_bands', 13, 'step: S2 channels (13, 12, 9 or 3)')
+flags.DEFINE_float('peak_tflops', None, 'step: device peak for MFU (default: table by device)')
+flags.DEFINE_string('dataset_dir', None, 'input: converted ssl4eo_s12_nol dir (default: demo)')
+flags.DEFINE_integer('input_batches', 30, 'input: batches to time')
+flags.DEFINE_integer('locations', 16, 'convert/input: demo locations to generate')
+flags.DEFINE_integer('workers', None, 'convert: worker processes (default: all cores)')
+FLAGS = flags.FLAGS
+
+
+def _peak_tflops(dtype: str) -> float | None:
+  if FLAGS.peak_tflops:
+    return FLAGS.peak_tflops
+  kind = jax.devices()[0].device_kind
+  for (name, table_dtype), value in PEAK_TFLOPS.items():
+    if name.lower() in kind.lower() and table_dtype == dtype:
+      return value
+  return None
+
+
+def _print_table(title: str, rows: list[tuple[str, Any]], figures: dict) -> None:
+  width = max(len(k) for k, _ in rows)
+  print(title)
+  for key, value in rows:
+    print(f'  {key:<{width}}  {value}')
+  print(json.dumps(figures))
+  sys.stdout.flush()
+
+
+def benchmark_step() -> dict:
+  """Compile time, step time, images/s, MFU and memory of the full pretraining step."""
+  from configs import pretrain
+  from cromss_jax import sharding, train
+  from cromss_jax.tasks import pretrain as pretrain_task
+
+  config = pretrain.get_config()
+  config.model.encoder = FLAGS.encoder
+  config.model.fusion = FLAGS.fusion
+  config.model.compute_dtype = 'bfloat16' if FLAGS.dtype == 'bf16' else 'float32'
+  config.data.s2_bands = FLAGS.s2_bands
+  config.data.crop_size = FLAGS.size
+  config.training.global_batch_size = FLAGS.batch
+  size, batch = FLAGS.size, FLAGS.batch
+  learner = pretrain_task.create_pretrain_learner(config)
+  mesh = sharding.create_mesh(config)
+  tx = train.create_optimizer(config.optimizer)
+  state, state_sh = train.init_state(learner, config, mesh, tx, train.create_plateau(config))
+
+  rng = np.random.default_rng(0)
+  host_batch = {
+      's1': rng.integers(0, 256, (batch, size, size, 2), dtype=np.uint8),
+      's2': rng.integers(0, 256, (batch, size, size, FLAGS.s2_bands), dtype=np.uint8),
+      'labels': rng.integers(0, 9, (batch, size, size)).astype(np.int32),
+      'season_labels': rng.integers(0, 9, (batch, 4, size, size)).astype(np.uint8),
+      'season': rng.integers(0, 4, (batch,)).astype(np.int32),
+  }
+  batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(mesh))
+  step_fn = train.make_train_step(learner, config, mesh, state_sh, steps_per_epoch=1000,
+                                  total_steps=1000, tx=tx)
+
+  t0 = time.perf_counter()
+  compiled = step_fn.lower(state, batch_arrays).compile()
+  compile_s = time.perf_counter() - t0
+  for _ in range(FLAGS.warmup):
+    state, out = compiled(state, batch_arrays)
+  jax.block_until_ready(state)
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    state, out = compiled(state, batch_arrays)
+    jax.block_until_ready((state, out))
+    times.append(time.perf_counter() - t0)
+  times_ms = np.asarray(times) * 1e3
+  step_ms = float(np.median(times_ms))
+  imgs_per_s = batch / (step_ms / 1e3)
+  flop_per_step = GFLOP_PER_SAMPLE_256 * 1e9 * (size / 256) ** 2 * batch
+  peak = _peak_tflops(FLAGS.dtype)
+  n_devices = jax.device_count()
+  mfu = (flop_per_step / (step_ms / 1e3)) / (peak * 1e12 * n_devices) if peak else None
+  stats = jax.devices()[0].memory_stats() or {}
+  peak_bytes = stats.get('peak_bytes_in_use')
+  if peak_bytes is None:  # CPU: the compiled program's own accounting
+    mem = compiled.memory_analysis()
+    peak_bytes = int(getattr(mem, 'temp_size_in_bytes', 0) + getattr(
+        mem, 'argument_size_in_bytes', 0) + getattr(mem, 'output_size_in_bytes', 0))
+  finite = bool(np.isfinite(jax.device_get(out['loss'])))
+  figures = {
+      'mode': 'step', 'device': jax.devices()[0].device_kind, 'devices': n_devices,
+      'encoder': FLAGS.encoder, 'fusion': FLAGS.fusion, 'batch': batch, 'size': size,
+      'dtype': FLAGS.dtype, 'compile_s': round(compile_s, 2), 'step_ms': round(step_ms, 2),
+      'step_ms_p10': round(float(np.percentile(times_ms, 10)), 2),
+      'step_ms_p90': round(float(np.percentile(times_ms, 90)), 2),
+      'imgs_per_s': round(imgs_per_s, 2), 'peak_bytes': int(peak_bytes),
+      'mfu': None if mfu is None else round(mfu, 4), 'peak_tflops_used': peak,
+      'loss_finite': finite}
+  _print_table(
+      f'CromSS train step: {FLAGS.encoder} {FLAGS.fusion}, batch {batch}, {size}x{size}, '
+      f'{FLAGS.dtype}, {n_devices} x {figures["device"]}',
+      [('compile', f'{compile_s:.1f} s'),
+       ('step time (median)', f'{step_ms:.1f} ms  (p10 {figures["step_ms_p10"]}, '
+                              f'p90 {figures["step_ms_p90"]})'),
+       ('throughput', f'{imgs_per_s:.1f} images/s'),
+       ('MFU', 'n/a (unknown device peak; pass --peak_tflops)' if mfu is None
+        else f'{mfu * 100:.1f} % of {peak} TFLOP/s x {n_devices}'),
+       ('peak memory', f'{peak_bytes / 2**30:.2f} GiB'),
+       ('loss finite', finite)], figures)
+  return figures
+
+
+def _generate_raw(root: str, locations: int) -> str:
+  from data_prep import make_demo
+  raw = os.path.join(root, 'raw')
+  make_demo.make_demo(raw, locations=locations, dfc_validation=0, dfc_test=0, scene_size=None)
+  return raw
+
+
+def _convert_raw(raw: str, out: str) -> dict:
+  """data_prep.ssl4eo on generated data, as a user would run it; returns its summary."""
+  from data_prep import ssl4eo
+  root = os.path.join(raw, 'ssl4eo')
+  argv = ['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2c'),
+          '--labels', os.path.join(root, 'labels', 'noisy_manifest.csv'), '--out', out,
+          '--val-fraction', '0.1', '--examples-per-shard', '4']
+  if FLAGS.workers:
+    argv += ['--workers', str(FLAGS.workers)]
+  return ssl4eo.main(argv)
+
+
+def benchmark_input() -> dict:
+  from configs import demo
+  from cromss_jax import input_pipeline
+  with tempfile.TemporaryDirectory() as tmp:
+    dataset_dir = FLAGS.dataset_dir
+    if not dataset_dir:
+      dataset_dir = os.path.join(tmp, 'records')
+      _convert_raw(_generate_raw(tmp, FLAGS.locations), dataset_dir)
+    config = demo.get_config()
+    config.data.dataset_dir = dataset_dir
+    config.data.crop_size = 256
+    config.training.global_batch_size = 8
+    iterator = input_pipeline.create_pretrain_iterator(config, 'train')
+    next(iterator)  # start-up (file opening, first shuffle fill) is not throughput
+    t0 = time.perf_counter()
+    for _ in range(FLAGS.input_batches):
+      next(iterator)
+    elapsed = time.perf_counter() - t0
+  samples = FLAGS.input_batches * config.training.global_batch_size
+  rate = samples / elapsed
+  cores = os.cpu_count() or 1
+  figures = {'mode': 'input', 'samples_per_s': round(rate, 1),
+             'samples_per_s_per_core': round(rate / cores, 1), 'cores': cores,
+             'crop': 256, 'batch': config.training.global_batch_size}
+  _print_table('tf.data pretraining pipeline (256 px crops, full augmentation, uint8 out)',
+               [('throughput', f'{rate:.1f} samples/s'),
+                ('per core', f'{rate / cores:.1f} samples/s ({cores} cores)')], figures)
+  return figures
+
+
+def benchmark_convert() -> dict:
+  with tempfile.TemporaryDirectory() as tmp:
+    raw = _generate_raw(tmp, FLAGS.locations)
+    t0 = time.perf_counter()
+    _convert_raw(raw, os.path.join(tmp, 'records'))
+    elapsed = time.perf_counter() - t0
+  rate = FLAGS.locations / elapsed
+  workers = FLAGS.workers or os.cpu_count()
+  figures = {'mode': 'convert', 'locations_per_s': round(rate, 3), 'workers': workers,
+             'locations': FLAGS.locations, 'seconds': round(elapsed, 2)}
+  _print_table('GeoTIFF -> TFRecord conversion (SSL4EO-S12 layout, 4 seasons, 15 bands)',
+               [('locations', FLAGS.locations), ('workers', workers),
+                ('time', f'{elapsed:.1f} s'), ('rate', f'{rate:.2f} locations/s')], figures)
+  return figures
+
+
+def main(argv):
+  mode = argv[1] if len(argv) > 1 else 'step'
+  if len(argv) > 2 or mode not in ('step', 'input', 'convert'):
+    raise cli.UserError(f'usage: python -m cromss_jax.benchmark [{_MODE_HELP}] [--flags]')
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')
+  logging.set_verbosity(logging.WARNING)
+  {'step': benchmark_step, 'input': benchmark_input, 'convert': benchmark_convert}[mode]()
+
+
+def run() -> None:
+  cli.run_absl(main)
+
+
+if __name__ == '__main__':
+  run()
