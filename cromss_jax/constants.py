@@ -17,6 +17,35 @@ S2_STD = (786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652
           1161.59187054, 1274.39184232, 1248.42891965, 1345.52684884, 577.31607053,
           51.15431158, 1336.09932639, 1136.53823676)
 
+S2_L1C_BANDS = S2_BANDS
+S2_L1C_MEAN, S2_L1C_STD = S2_MEAN, S2_STD
+
+# Sentinel-2 L2A (surface reflectance, SSL4EO-S12 folder `s2a`): the L1C bands without B10 (the
+# cirrus band is not in L2A products). Statistics: `S2A_MEAN` / `S2A_STD` of the SSL4EO-S12
+# dataset code (zhu-xlab/SSL4EO-S12, src/benchmark/pretrain_ssl/datasets/SSL4EO/
+# ssl4eo_dataset.py), computed by its authors on 50k locations, in the order of S2_L2A_BANDS.
+S2_L2A_BANDS = tuple(b for b in S2_BANDS if b != 'B10')
+S2_L2A_MEAN = (752.40087073, 884.29673756, 1144.16202635, 1297.47289228, 1624.90992062,
+               2194.6423161, 2422.21248945, 2517.76053101, 2581.64687018, 2645.51888987,
+               2368.51236873, 1805.06846033)
+S2_L2A_STD = (1108.02887453, 1155.15170768, 1183.6292542, 1368.11351514, 1370.265037,
+              1355.55390699, 1416.51487101, 1474.78900051, 1439.3086061, 1582.28010962,
+              1455.52084939, 1343.48379601)
+
+# Native ground sampling distance (m) of every S2 band, by name.
+S2_BAND_RESOLUTION_M = dict(zip(S2_BANDS, S2_RESOLUTION_M))
+
+# Product level -> (band names in record order, mean, std) used to normalise raw reflectance.
+S2_PRODUCTS = {
+    'L1C': (S2_L1C_BANDS, S2_L1C_MEAN, S2_L1C_STD),
+    'L2A': (S2_L2A_BANDS, S2_L2A_MEAN, S2_L2A_STD),
+}
+
+# Products of processing baseline 04.00 and later (from 25 January 2022) store reflectance x 1e4
+# plus this many digital numbers (the products' BOA/RADIO_ADD_OFFSET is -1000); it is removed
+# before normalising so that old and new scenes share one scale.
+S2_BASELINE_04_OFFSET_DN = 1000
+
 # Indices into S2_BANDS for each supported band subset (SPEC §2.1).
 S2_BAND_SUBSETS = {
     13: tuple(range(13)),

@@ -79,15 +79,58 @@ class RasterInfo:
   shape: tuple[int, int]
   count: int
   nodata: float | None
+  dtype: str = ''
+  # Dataset- and band-1-level GDAL metadata (e.g. PROCESSING_BASELINE), and band 1's GDAL
+  # scale/offset: what says whether an S2 product carries the +1000 DN offset.
+  tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+  scale: float = 1.0
+  offset: float = 0.0
+
+  @property
+  def pixel_size(self) -> tuple[float, float]:
+    """(x, y) size of one pixel in CRS units (positive)."""
+    return abs(self.transform[0]), abs(self.transform[4])
 
 
-def read_raster(path: str, *, count: int, native_shape: tuple[int, int],
+def _info_of(src: Any, path: str) -> RasterInfo:
+  tags = dict(src.tags())
+  if src.count:
+    tags.update(src.tags(1))
+  scales, offsets = tuple(src.scales or (1.0,)), tuple(src.offsets or (0.0,))
+  return RasterInfo(path=str(path), crs=src.crs, bounds=tuple(src.bounds),
+                    transform=tuple(src.transform)[:6], shape=(src.height, src.width),
+                    count=src.count, nodata=src.nodata,
+                    dtype=str(src.dtypes[0]) if src.count else '', tags=tags,
+                    scale=float(scales[0] if scales[0] is not None else 1.0),
+                    offset=float(offsets[0] if offsets[0] is not None else 0.0))
+
+
+def _unreadable(path: str, err: Exception) -> BadInput:
+  cause = f' ({err.__cause__})' if err.__cause__ else ''  # GDAL's own message, if chained.
+  return BadInput(path, f'unreadable: {type(err).__name__}: {err}{cause}')
+
+
+def read_info(path: str) -> RasterInfo:
+  """The georeferencing and metadata of a file, without reading its pixels."""
+  import rasterio  # pylint: disable=g-import-not-at-top
+
+  if not os.path.isfile(path):
+    raise BadInput(path, 'missing_file: file does not exist')
+  try:
+    with rasterio.open(path) as src:
+      return _info_of(src, path)
+  except Exception as err:  # pylint: disable=broad-except
+    raise _unreadable(path, err) from None
+
+
+def read_raster(path: str, *, count: int, native_shape: tuple[int, int] | None = None,
                 out_shape: tuple[int, int] | None = None,
                 resampling: str = 'nearest') -> tuple[np.ndarray, RasterInfo]:
   """Reads all bands as [count, H, W], resampled to `out_shape` by GDAL when given.
 
-  Band count and native size are checked before the (possibly expensive) read. Any failure
-  to open or decode the file (truncated, not a GeoTIFF) becomes BadInput naming the file.
+  Band count and native size (when given) are checked before the (possibly expensive) read.
+  Any failure to open or decode the file (truncated, not a GeoTIFF) becomes BadInput naming
+  the file.
   """
   import rasterio  # pylint: disable=g-import-not-at-top
   from rasterio.enums import Resampling  # pylint: disable=g-import-not-at-top
@@ -96,12 +139,10 @@ def read_raster(path: str, *, count: int, native_shape: tuple[int, int],
     raise BadInput(path, 'missing_file: file does not exist')
   try:
     with rasterio.open(path) as src:
-      info = RasterInfo(path=str(path), crs=src.crs, bounds=tuple(src.bounds),
-                        transform=tuple(src.transform)[:6], shape=(src.height, src.width),
-                        count=src.count, nodata=src.nodata)
+      info = _info_of(src, path)
       if info.count != count:
         raise BadInput(path, f'band_count: {info.count} bands, expected {count}')
-      if info.shape != tuple(native_shape):
+      if native_shape is not None and info.shape != tuple(native_shape):
         raise BadInput(path, f'size_mismatch: {info.shape[0]}x{info.shape[1]} px, expected '
                        f'{native_shape[0]}x{native_shape[1]}')
       if out_shape is None or tuple(out_shape) == info.shape:
@@ -111,23 +152,62 @@ def read_raster(path: str, *, count: int, native_shape: tuple[int, int],
   except BadInput:
     raise
   except Exception as err:  # pylint: disable=broad-except
-    cause = f' ({err.__cause__})' if err.__cause__ else ''  # GDAL's own message, if chained.
-    raise BadInput(path, f'unreadable: {type(err).__name__}: {err}{cause}') from None
+    raise _unreadable(path, err) from None
   return data, info
 
 
-def check_same_grid(info: RasterInfo, ref: RasterInfo, tolerance_px: float) -> None:
-  """Same CRS and bounds within `tolerance_px` pixels of `ref` (the 10 m reference grid)."""
+def _units(info: RasterInfo) -> str:
+  """Name of the CRS unit, for messages ('m', 'degree', ...)."""
+  crs = info.crs
+  if crs is None:
+    return 'CRS units'
+  if crs.is_geographic:
+    return 'degree'
+  unit = (crs.linear_units or '').lower()
+  return {'metre': 'm', 'meter': 'm', 'metres': 'm', 'meters': 'm'}.get(unit, unit or 'units')
+
+
+def _num(x: float) -> str:
+  """A CRS distance with enough significant digits for degrees as for metres."""
+  return f'{x:.6g}'
+
+
+def describe_grid(info: RasterInfo) -> str:
+  """e.g. '132x132 px of 20 m' or '120x120 px of 8.98e-05 degree'."""
+  xres, yres = info.pixel_size
+  res = _num(xres) if math.isclose(xres, yres, rel_tol=1e-6) else f'{_num(xres)}x{_num(yres)}'
+  return f'{info.shape[0]}x{info.shape[1]} px of {res} {_units(info)}'
+
+
+def _check_crs(info: RasterInfo, ref: RasterInfo, what: str, ref_what: str) -> None:
   if info.crs is None:
-    raise BadInput(info.path, 'no_crs: file has no CRS, alignment cannot be checked')
+    raise BadInput(info.path, f'no_crs: {what} has no CRS, alignment cannot be checked')
   if info.crs != ref.crs:
-    raise BadInput(info.path, f'crs_mismatch: {info.crs.to_string()} vs '
-                   f'{ref.crs.to_string()} of {ref.path}')
-  pixel = (ref.bounds[2] - ref.bounds[0]) / ref.shape[1]
-  offset = float(np.max(np.abs(np.subtract(info.bounds, ref.bounds))))
-  if offset > tolerance_px * pixel:
-    raise BadInput(info.path, f'bounds_mismatch: bounds differ by {offset:.3f} from {ref.path} '
-                   f'(tolerance {tolerance_px} px = {tolerance_px * pixel:.3f})')
+    raise BadInput(info.path, f'crs_mismatch: {what} is in {info.crs.to_string()} but '
+                   f'{ref_what} ({ref.path}) in {ref.crs.to_string()}')
+
+
+def grid_offset(info: RasterInfo, ref: RasterInfo) -> tuple[float, float]:
+  """Largest bounds difference to `ref`: (in ref pixels, in CRS units)."""
+  xres, yres = ref.pixel_size
+  diffs = np.subtract(info.bounds, ref.bounds)
+  in_px = max(abs(diffs[0]) / xres, abs(diffs[2]) / xres, abs(diffs[1]) / yres,
+              abs(diffs[3]) / yres)
+  return float(in_px), float(np.max(np.abs(diffs)))
+
+
+def check_same_grid(info: RasterInfo, ref: RasterInfo, tolerance_px: float,
+                    what: str | None = None, ref_what: str | None = None) -> None:
+  """Same CRS and bounds within `tolerance_px` pixels of `ref` (the 10 m reference grid)."""
+  what = what or os.path.basename(info.path)
+  ref_what = ref_what or os.path.basename(ref.path)
+  _check_crs(info, ref, what, ref_what)
+  in_px, in_units = grid_offset(info, ref)
+  if in_px > tolerance_px:
+    raise BadInput(info.path, f'bounds_mismatch: {what} bounds differ from {ref_what} '
+                   f'({ref.path}) by {in_px:.2f} px = {_num(in_units)} {_units(ref)} '
+                   f'(tolerance {tolerance_px:g} px = '
+                   f'{_num(tolerance_px * ref.pixel_size[0])} {_units(ref)})')
 
 
 def grids_agree(a: RasterInfo, b: RasterInfo, tolerance_px: float) -> bool:
@@ -137,6 +217,129 @@ def grids_agree(a: RasterInfo, b: RasterInfo, tolerance_px: float) -> bool:
   except BadInput:
     return False
   return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Alignment:
+  """How a file relates to the reference grid (see `check_alignment`)."""
+  offset_px: float      # misregistration beyond what its pixel size explains, in ref pixels
+  on_grid: bool         # same shape and bounds (within tolerance): read as stored
+  same_extent: bool     # same bounds (within tolerance): a plain resize is georeferenced
+  shifted: bool         # offset beyond tolerance but allowed (max_offset_px): counted
+
+
+def check_alignment(info: RasterInfo, ref: RasterInfo, *, what: str, ref_what: str,
+                    tolerance_px: float, max_offset_px: float | None = None) -> Alignment:
+  """Checks that `info` covers the reference grid and says how to bring it onto it.
+
+  A coarser band may be offset by up to half of its own pixel minus half a reference pixel
+  (e.g. SSL4EO-S12's 20/60 m grids, whose first pixel is centred on the first 10 m pixel, are
+  shifted by 0.5/2.5 px of 10 m): that is the grid convention, not a misregistration. Beyond it,
+  up to `tolerance_px` is accepted silently and up to `max_offset_px` (S1 vs S2) is accepted
+  as `shifted`; more is `bounds_mismatch`. A covered extent of a different size is
+  `size_mismatch`, with both sizes in pixels.
+  """
+  _check_crs(info, ref, what, ref_what)
+  rx, ry = ref.pixel_size
+  fx, fy = info.pixel_size
+  width = (info.bounds[2] - info.bounds[0], info.bounds[3] - info.bounds[1])
+  ref_width = (ref.bounds[2] - ref.bounds[0], ref.bounds[3] - ref.bounds[1])
+  size_px = max(abs(width[0] - ref_width[0]) / rx, abs(width[1] - ref_width[1]) / ry)
+  if size_px > 2 * tolerance_px:
+    raise BadInput(info.path, f'size_mismatch: {what} is {describe_grid(info)} '
+                   f'({_num(width[0])} x {_num(width[1])} {_units(info)}) but {ref_what} is '
+                   f'{describe_grid(ref)} ({_num(ref_width[0])} x {_num(ref_width[1])} '
+                   f'{_units(ref)})')
+  in_px, in_units = grid_offset(info, ref)
+  convention = max(0.0, (fx / rx - 1) / 2, (fy / ry - 1) / 2)
+  offset = max(0.0, in_px - convention)
+  allowed = tolerance_px if max_offset_px is None else max(tolerance_px, max_offset_px)
+  if offset > allowed + 1e-9:
+    raise BadInput(info.path, f'bounds_mismatch: {what} ({describe_grid(info)}) is offset from '
+                   f'{ref_what} ({ref.path}) by {in_px:.2f} px = {_num(in_units)} '
+                   f'{_units(ref)} (allowed {allowed + convention:g} px = '
+                   f'{_num((allowed + convention) * rx)} {_units(ref)})')
+  same_extent = in_px <= tolerance_px + 1e-9
+  return Alignment(offset_px=offset, on_grid=same_extent and info.shape == ref.shape,
+                   same_extent=same_extent, shifted=offset > tolerance_px + 1e-9)
+
+
+def warp_to_grid(data: np.ndarray, info: RasterInfo, ref: RasterInfo, resampling: str,
+                 pad: int = 2) -> np.ndarray:
+  """[count, h, w] in `info`'s grid -> [count, H, W] on `ref`'s grid by georeferencing.
+
+  GDAL's warper (rasterio.warp.reproject) maps each reference pixel centre into the source
+  grid. The source is first extended by `pad` edge pixels, so that reference pixels beyond the
+  outermost source pixel centres (a shifted coarse grid) take the edge value instead of
+  none. Float input stays float32 (no rounding before normalisation); others keep their dtype.
+  """
+  from affine import Affine  # pylint: disable=g-import-not-at-top
+  from rasterio.enums import Resampling  # pylint: disable=g-import-not-at-top
+  from rasterio.warp import reproject  # pylint: disable=g-import-not-at-top
+
+  work = data.astype(np.float32) if resampling != 'nearest' else data
+  padded = np.pad(work, ((0, 0), (pad, pad), (pad, pad)), mode='edge')
+  src_transform = Affine(*info.transform) * Affine.translation(-pad, -pad)
+  out = np.zeros((data.shape[0], *ref.shape), padded.dtype)
+  reproject(padded, out, src_transform=src_transform, src_crs=info.crs,
+            dst_transform=Affine(*ref.transform), dst_crs=ref.crs,
+            resampling=Resampling[resampling], src_nodata=None, dst_nodata=None)
+  return out
+
+
+def read_onto_grid(path: str, ref: RasterInfo, *, what: str, ref_what: str, resampling: str,
+                   tolerance_px: float, max_offset_px: float | None = None,
+                   info: RasterInfo | None = None) -> tuple[np.ndarray, RasterInfo, Alignment]:
+  """One single-band file as [H, W] on the reference grid, resampled by its georeferencing.
+
+  On the grid: read as stored. Same extent, other pixel size: GDAL's resampling read
+  (`out_shape`, pixel centres aligned, in the file's dtype). Otherwise (a shifted grid): warped
+  onto the reference pixel centres (`warp_to_grid`).
+  """
+  info = info or read_info(path)
+  if info.count != 1:
+    raise BadInput(path, f'band_count: {what} has {info.count} bands, expected 1')
+  alignment = check_alignment(info, ref, what=what, ref_what=ref_what,
+                              tolerance_px=tolerance_px, max_offset_px=max_offset_px)
+  if alignment.on_grid:
+    data, info = read_raster(path, count=1)
+  elif alignment.same_extent:
+    data, info = read_raster(path, count=1, out_shape=ref.shape, resampling=resampling)
+  else:
+    data, info = read_raster(path, count=1)
+    data = warp_to_grid(data, info, ref, resampling)
+  return data[0], info, alignment
+
+
+_BASELINE_RE = re.compile(r'(\d{1,2})\.(\d{2})|N(\d{2})(\d{2})')
+
+
+def s2_dn_offset(info: RasterInfo) -> float:
+  """The DN offset an S2 band file declares (1000 for processing baseline >= 04.00), else 0.
+
+  Looked up, in this order, in: a `*ADD_OFFSET` tag (e.g. BOA_ADD_OFFSET=-1000), GDAL's band
+  scale/offset (reflectance = DN * scale + offset), a PROCESSING_BASELINE tag ('04.00', 'N0400').
+  """
+  from cromss_jax import constants  # pylint: disable=g-import-not-at-top
+
+  tags = {k.upper(): v for k, v in info.tags.items()}
+  for key, value in sorted(tags.items()):
+    if key.endswith('ADD_OFFSET'):
+      try:
+        return -float(value)
+      except ValueError:
+        raise BadInput(info.path, f'bad_metadata: {key}={value!r} is not a number') from None
+  if info.offset and info.scale:
+    return -info.offset / info.scale
+  baseline = tags.get('PROCESSING_BASELINE')
+  if baseline:
+    match = _BASELINE_RE.search(baseline)
+    if not match:
+      raise BadInput(info.path, f'bad_metadata: PROCESSING_BASELINE={baseline!r} is not like '
+                     '04.00 or N0400')
+    major = int(match.group(1) or match.group(3))
+    return float(constants.S2_BASELINE_04_OFFSET_DN) if major >= 4 else 0.0
+  return 0.0
 
 
 def check_labels(labels: np.ndarray, info: RasterInfo, valid: tuple[int, int]) -> np.ndarray:
