@@ -7,6 +7,8 @@ the program, so a cache hit never changes a result.
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault('JAX_PLATFORMS', 'cpu')
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
 os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
@@ -14,3 +16,12 @@ os.environ.setdefault('JAX_COMPILATION_CACHE_DIR',
                       os.path.join(tempfile.gettempdir(), 'cromss_jax_test_xla_cache'))
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS', '0')
 os.environ.setdefault('JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES', '-1')
+
+
+@pytest.fixture(autouse=True)
+def _kill_leftovers():
+  """Foreground subprocesses (helpers.Proc) still running when their test ends are killed."""
+  import helpers  # pylint: disable=g-import-not-at-top
+  yield
+  while helpers.Proc.foreground:
+    helpers.Proc.foreground.pop().kill()

@@ -1,0 +1,206 @@
+"""Helpers shared by the test modules: tiny configs, subprocesses, checkpoint and tree checks."""
+from __future__ import annotations
+
+import glob
+import os
+import re
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from configs import demo as demo_config
+
+REPO = Path(__file__).resolve().parents[1]
+TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# Hang guard for every subprocess: generous for a cold compile on a slow 2-core machine.
+PROCESS_TIMEOUT_S = 420
+
+# The tiny pretraining config shared by every real-model run (in-process and CLI). keep_ratio
+# 0.3 (default 0.5) proves that a CLI override reaches the objective: the CLI runs pass it as
+# --config.objective.keep_ratio=0.3 and must reproduce run A exactly.
+TINY = {
+    'data.crop_size': 64,
+    'data.shuffle_buffer': 8,
+    'training.global_batch_size': 2,
+    'training.steps_per_epoch': 2,
+    'training.num_epochs': 3,
+    'training.checkpoint_every_epochs': 1,
+    'training.log_every_steps': 1,
+    'training.panel_every_epochs': 0,
+    'objective.keep_ratio': 0.3,
+}
+TOTAL_STEPS = TINY['training.num_epochs'] * TINY['training.steps_per_epoch']
+
+
+def tiny_config(dataset_dir: str, **changes: Any):
+  """configs/demo.py with TINY and `changes` ({'training.num_epochs': 1, ...}) applied."""
+  config = demo_config.get_config()
+  config.data.dataset_dir = str(dataset_dir)
+  for key, value in {**TINY, **changes}.items():
+    section, name = key.split('.')
+    config[section][name] = value
+  return config
+
+
+def cli_overrides(dataset_dir: str, **changes: Any) -> list[str]:
+  return [f'--config.data.dataset_dir={dataset_dir}'] + [
+      f'--config.{k}={v}' for k, v in {**TINY, **changes}.items()]
+
+
+# ------------------------------------------------------------------------------------------------
+# Checkpoints, TensorBoard and subprocess helpers
+# ------------------------------------------------------------------------------------------------
+def _key_name(entry) -> str:
+  for attr in ('key', 'idx', 'name'):
+    if hasattr(entry, attr):
+      return str(getattr(entry, attr))
+  return str(entry)
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+  """{'params/encoder_s1/conv1/kernel': array, ...}; TrainStates and restored dicts agree."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+  return {'/'.join(_key_name(e) for e in path): np.asarray(v) for path, v in leaves}
+
+
+def unflat(arrays: dict[str, np.ndarray], prefix: str) -> dict:
+  """The nested dict under `prefix` ('params') of a `flat` dict."""
+  out: dict = {}
+  for key, value in arrays.items():
+    parts = key.split('/')
+    if parts[0] != prefix:
+      continue
+    node = out
+    for part in parts[1:-1]:
+      node = node.setdefault(part, {})
+    node[parts[-1]] = value
+  return out
+
+
+def complete_steps(workdir) -> list[int]:
+  directory = os.path.join(workdir, 'checkpoints')
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(n) for n in os.listdir(directory) if n.isdigit())
+
+
+def restore_step(workdir, step: int) -> tuple[dict, dict]:
+  """(state, meta) of one checkpoint step, on one device, whatever topology wrote it."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  with ocp.CheckpointManager(
+      directory, item_names=('state', 'meta'),
+      item_handlers={'state': ocp.StandardCheckpointHandler(),
+                     'meta': ocp.JsonCheckpointHandler()}) as manager:
+    metadata = manager.item_metadata(step)['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(
+        lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=device), tree)
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(target), meta=ocp.args.JsonRestore()))
+  return restored['state'], dict(restored['meta'])
+
+
+def read_scalars(workdir) -> dict[str, dict[int, float]]:
+  """{tag: {step: value}} from the TensorBoard event files of a workdir."""
+  import tensorflow as tf
+  out: dict[str, dict[int, float]] = {}
+  for path in sorted(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))):
+    for event in tf.compat.v1.train.summary_iterator(path):
+      for value in event.summary.value:
+        number = (float(tf.make_ndarray(value.tensor)) if value.HasField('tensor')
+                  else float(value.simple_value))
+        out.setdefault(value.tag, {})[int(event.step)] = number
+  return out
+
+
+def assert_trees_equal(actual: dict, expected: dict, what: str) -> None:
+  a, e = flat(actual), flat(expected)
+  assert sorted(a) == sorted(e), f'{what}: different structures'
+  for key in e:
+    np.testing.assert_array_equal(a[key], e[key], err_msg=f'{what}: {key}')
+
+
+class Proc:
+  """A subprocess whose merged stdout/stderr is collected line by line (and kept in a file).
+
+  Foreground processes still running when their test ends are killed (`_kill_leftovers`).
+  """
+  foreground: list['Proc'] = []
+
+  def __init__(self, args: list[str], log_path, env: dict | None = None,
+               background: bool = False):
+    if not background:
+      Proc.foreground.append(self)
+    self.args = args
+    self.log_path = Path(log_path)
+    self.lines: list[str] = []
+    self._cond = threading.Condition()
+    self.p = subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True, env=env, bufsize=1)
+    self._reader = threading.Thread(target=self._read, daemon=True)
+    self._reader.start()
+
+  def _read(self) -> None:
+    with open(self.log_path, 'w') as log:
+      for line in self.p.stdout:
+        log.write(line)
+        log.flush()
+        with self._cond:
+          self.lines.append(line)
+          self._cond.notify_all()
+    with self._cond:
+      self._cond.notify_all()
+
+  @property
+  def text(self) -> str:
+    with self._cond:
+      return ''.join(self.lines)
+
+  def tail(self, n: int = 40) -> str:
+    return ''.join(self.text.splitlines(keepends=True)[-n:])
+
+  def wait_for(self, pattern: str, timeout: float = PROCESS_TIMEOUT_S) -> re.Match:
+    """The first match of `pattern` in the output; fails if the process ends or time runs out."""
+    regex = re.compile(pattern)
+    deadline = time.monotonic() + timeout
+    with self._cond:
+      while True:
+        match = regex.search(''.join(self.lines))
+        if match:
+          return match
+        if not self._reader.is_alive():
+          pytest.fail(f'{self.args} exited (rc {self.p.poll()}) before printing {pattern!r}:\n'
+                      f'{self.tail()}')
+        left = deadline - time.monotonic()
+        if left <= 0:
+          self.kill()
+          pytest.fail(f'{pattern!r} not printed within {timeout} s:\n{self.tail()}')
+        self._cond.wait(min(left, 1.0))
+
+  def wait(self, timeout: float = PROCESS_TIMEOUT_S) -> int:
+    try:
+      rc = self.p.wait(timeout)
+    except subprocess.TimeoutExpired:
+      self.kill()
+      pytest.fail(f'{self.args} did not finish within {timeout} s:\n{self.tail()}')
+    self._reader.join(30)
+    return rc
+
+  def kill(self) -> None:
+    if self.p.poll() is None:
+      self.p.kill()   # SIGKILL
+      self.p.wait(60)
+
+
+def cli_command(workdir, dataset_dir, **changes) -> list[str]:
+  return [sys.executable, '-m', 'cromss_jax.main', '--config=configs/demo.py',
+          f'--workdir={workdir}', *cli_overrides(dataset_dir, **changes)]
