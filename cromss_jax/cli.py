@@ -52,6 +52,8 @@ def guarded(main: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def run_absl(main: Callable[[Sequence[str]], Any]) -> None:
-  """`absl.app.run(main)` with the project's error convention (flags errors are absl's own)."""
+  """`absl.app.run(main)` with the project's error convention, flag errors and config errors
+  (`config_validation.parse_flags`) included."""
   from absl import app  # pylint: disable=g-import-not-at-top
-  app.run(guarded(main))
+  from cromss_jax import config_validation  # pylint: disable=g-import-not-at-top
+  app.run(guarded(main), flags_parser=config_validation.parse_flags)

@@ -23,9 +23,9 @@ Augmentation (training only; SPEC §2.3): random season, random crop (centre cro
 evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
 angle uniform in [-90, 90] degrees, reflect padding, bilinear for images and nearest for labels,
 like albumentations' Rotate), 'rot90' (p=rotation_prob, a random non-zero multiple of 90 degrees)
-or 'none'. Every label map (chosen, clean, all seasons) follows the image exactly. An optional
-`config.data.image_interpolation` ('bilinear' default, or 'nearest') sets the image resampling of
-the free rotation. Borders are mirrored including the edge pixel ("dcba|abcd", numpy
+or 'none'. Every label map (chosen, clean, all seasons) follows the image exactly.
+`config.data.image_interpolation` ('bilinear' or 'nearest') sets the image resampling of the free
+rotation. Borders are mirrored including the edge pixel ("dcba|abcd", numpy
 'symmetric'); albumentations' default mirrors without it ("dcb|abcd"); only the rotated-in
 corners differ.
 """
@@ -90,6 +90,16 @@ class PipelineInfo:
   s2_channels: int
   num_seasons: int          # 0 for single-date (downstream) data
   has_clean_labels: bool
+  num_classes: int | None = None   # label classes of the records (None: unknown dataset)
+
+
+# Label classes (0..n-1, 255 = ignore) that each data_prep converter writes, by TFDS name.
+NUM_CLASSES_BY_DATASET = {
+    'ssl4eo_s12_nol': len(constants.DW_CLASSES),   # data_prep.ssl4eo: Dynamic World
+    'dfc2020': len(constants.DFC_DW8_CLASSES),     # data_prep.dfc2020: DW-ordered DFC classes
+    'ssl4eo_s12_dw': len(constants.DW_CLASSES),    # data_prep.ssl4eo_dwosm --labels dw
+    'ssl4eo_s12_osm': 13,                          # data_prep.ssl4eo_dwosm --labels osm
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,8 +186,8 @@ def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Sour
   if height != width:
     raise ValueError(f'{dataset_dir}: tiles must be square, got {height}x{width}.')
   tile_size = height
-  config_tile = config.data.get('tile_size', None)
-  if config_tile is not None and config_tile != tile_size:
+  config_tile = config.data.tile_size
+  if config_tile != tile_size:
     raise ValueError(f'config.data.tile_size={config_tile} but {dataset_dir} stores '
                      f'{tile_size}x{tile_size} tiles; set --config.data.tile_size={tile_size}.')
   crop = config.data.crop_size
@@ -248,8 +258,8 @@ def _host_counts(lengths: list[int], process_count: int) -> tuple[bool, list[int
 
 def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) -> int:
   """config.training.steps_per_epoch if > 0, else full global batches in one pass."""
-  configured = config.training.get('steps_per_epoch', -1)
-  if configured is not None and configured > 0:
+  configured = config.training.steps_per_epoch
+  if configured > 0:
     return int(configured)
   steps = num_train_examples // config.training.global_batch_size
   if steps < 1:
@@ -277,7 +287,10 @@ def _info(config: ml_collections.ConfigDict, source: _Source, train_split: str,
       process_count=process_count, tile_size=source.tile_size,
       crop_size=config.data.crop_size, s1_channels=source.s1_channels,
       s2_channels=source.s2_channels, num_seasons=source.num_seasons,
-      has_clean_labels=source.has_clean_labels)
+      has_clean_labels=source.has_clean_labels,
+      # Pretraining records always hold Dynamic World labels (the converter checks 0..8).
+      num_classes=NUM_CLASSES_BY_DATASET.get(
+          source.builder.info.name, len(constants.DW_CLASSES) if source.kind.seasonal else None))
 
 
 def pretrain_info(config: ml_collections.ConfigDict, *, process_count: int | None = None,
@@ -299,19 +312,17 @@ def downstream_info(config: ml_collections.ConfigDict, *, process_count: int | N
 # Per-element geometry: every transform is applied identically to images and label maps.
 
 
-def _augment_config(config: ml_collections.ConfigDict, default_rotation: str,
-                    default_rotation_prob: float) -> _Augment:
+def _augment_config(config: ml_collections.ConfigDict) -> _Augment:
   data = config.data
-  rotation = data.get('rotation', default_rotation)
+  rotation = data.rotation
   if rotation not in ('free', 'rot90', 'none'):
     raise ValueError(f"config.data.rotation={rotation!r}; expected 'free', 'rot90' or 'none'.")
-  interpolation = data.get('image_interpolation', 'bilinear')
+  interpolation = data.image_interpolation
   if interpolation not in ('bilinear', 'nearest'):
     raise ValueError(f"config.data.image_interpolation={interpolation!r}; expected 'bilinear' "
                      "or 'nearest'.")
-  return _Augment(crop_size=data.crop_size, flip=bool(data.get('flip', True)),
-                  rotation=rotation,
-                  rotation_prob=float(data.get('rotation_prob', default_rotation_prob)),
+  return _Augment(crop_size=data.crop_size, flip=bool(data.flip), rotation=rotation,
+                  rotation_prob=float(data.rotation_prob),
                   image_interpolation=interpolation)
 
 
@@ -573,7 +584,7 @@ def _eval_records(files: list[str], lengths: list[int], *, per_host_batch: int,
 def _finish(ds: tf.data.Dataset, config: ml_collections.ConfigDict, per_host_batch: int
             ) -> Iterator[Batch]:
   ds = ds.batch(per_host_batch, drop_remainder=True)
-  ds = ds.prefetch(config.data.get('prefetch', 2))
+  ds = ds.prefetch(config.data.prefetch)
   options = tf.data.Options()
   options.deterministic = True
   options.threading.max_intra_op_parallelism = 1
@@ -589,10 +600,10 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
   process_index, process_count = _resolve_hosts(process_index, process_count)
   phb = _per_host_batch(config, process_count)
   files, lengths = _split_files(source, split)
-  seed = config.get('seed', 0) if seed is None else seed
+  seed = config.seed if seed is None else seed
   base_key = tf.constant([seed, 0], tf.int64)
-  parallel = config.data.get('num_parallel_calls', -1)
-  parallel = _AUTOTUNE if parallel is None or parallel < 0 else parallel
+  parallel = config.data.num_parallel_calls
+  parallel = _AUTOTUNE if parallel < 0 else parallel
   decode = source.builder.info.features.deserialize_example
 
   if train:
@@ -602,8 +613,7 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
     records = _train_records(
         files, lengths, base_key=base_key, start_step=start_step, steps=steps,
         per_host_batch=phb, process_index=process_index, process_count=process_count,
-        shuffle_buffer=config.data.get('shuffle_buffer', 1024),
-        cache=bool(config.data.get('cache', False)))
+        shuffle_buffer=config.data.shuffle_buffer, cache=bool(config.data.cache))
 
     def prepare(epoch: tf.Tensor, index: tf.Tensor, record: tf.Tensor) -> dict[str, tf.Tensor]:
       key = base_key
@@ -662,7 +672,7 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
   """
   source = _load_source(config, _PRETRAIN)
   train = split == 'train' if train is None else train
-  aug = _augment_config(config, 'free', 0.2)
+  aug = _augment_config(config)
   return _create_iterator(
       config, source, split, train=train, element_fn=_pretrain_element(source, aug, with_ids),
       start_step=start_step, num_steps=num_steps, seed=seed,
@@ -678,13 +688,12 @@ def create_downstream_iterator(config: ml_collections.ConfigDict, split: str, *,
 
   `label` is int32 with 255 (constants.IGNORE_LABEL) kept for pixels to ignore. Training
   (`train=True`, usually split 'validation') uses random crops (when crop_size < tile), flips and
-  `config.data.rotation` (default 'rot90' with rotation_prob 0.75, which with the flips makes all
-  8 dihedral orientations equally likely); evaluation (usually split 'test') is one padded,
-  centre-cropped pass with a `valid` key. Other arguments as `create_pretrain_iterator`;
-  `with_ids` adds `patch_id` (bytes [b]).
+  `config.data.rotation` / `rotation_prob` (configs/transfer.py: 'rot90', 0.2); evaluation
+  (usually split 'test') is one padded, centre-cropped pass with a `valid` key. Other arguments
+  as `create_pretrain_iterator`; `with_ids` adds `patch_id` (bytes [b]).
   """
   source = _load_source(config, _DOWNSTREAM)
-  aug = _augment_config(config, 'rot90', 0.75)
+  aug = _augment_config(config)
   return _create_iterator(
       config, source, split, train=train,
       element_fn=_downstream_element(source, aug, with_ids),

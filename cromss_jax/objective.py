@@ -33,8 +33,6 @@ from cromss_jax.config_validation import validate_objective_config
 
 Array = jax.Array
 _DICE_EPS = 1e-7
-DEFAULT_PRIOR_SIGMA = 3.0
-DEFAULT_PRIOR_TRUNCATE = 4.0
 
 
 # --------------------------------------------------------------------------------------------
@@ -357,6 +355,5 @@ def smoothing_prior(season_labels: Array, season: Array,
     maps = spatial if maps is None else (maps + spatial) / 2
   if maps is None:
     raise ValueError(f"prior_type must be 'ts', 't' or 's', got {kind!r}")
-  filtered = gaussian_filter_reflect(maps, cfg.get('prior_sigma', DEFAULT_PRIOR_SIGMA),
-                                    cfg.get('prior_truncate', DEFAULT_PRIOR_TRUNCATE))
+  filtered = gaussian_filter_reflect(maps, cfg.prior_sigma, cfg.prior_truncate)
   return filtered / jnp.sum(filtered, axis=-1, keepdims=True)

@@ -24,6 +24,7 @@ import ml_collections
 import numpy as np
 from absl import logging
 
+from cromss_jax import config_validation
 from cromss_jax import constants
 from cromss_jax import evaluate
 from cromss_jax import exports
@@ -31,31 +32,14 @@ from cromss_jax import input_pipeline
 from cromss_jax import models
 from cromss_jax import sharding
 from cromss_jax import train
-from cromss_jax.config_validation import ConfigError, validate_pretrain_config
 from cromss_jax.models import decoders
 
 MODALITIES = ('s1', 's2')
 
 
 def validate_transfer_config(config: ml_collections.ConfigDict) -> None:
-  """Raises ConfigError naming the first transfer setting that cannot work."""
-  validate_pretrain_config(config)
-  t = config.transfer
-  if t.decoder not in decoders.DECODERS:
-    raise ConfigError(f'config.transfer.decoder={t.decoder!r} is not allowed; expected one of '
-                      f'{", ".join(map(repr, decoders.DECODERS))}.')
-  if t.modality not in MODALITIES:
-    raise ConfigError(f'config.transfer.modality={t.modality!r} is not allowed; expected '
-                      "'s1' or 's2'.")
-  if not isinstance(t.freeze_encoder, bool):
-    raise ConfigError(f'config.transfer.freeze_encoder={t.freeze_encoder!r} is not allowed; '
-                      'expected True or False.')
-  if not isinstance(t.encoder_path, str) or not t.encoder_path:
-    raise ConfigError("config.transfer.encoder_path must be an exported encoder folder "
-                      "(EXPORT/encoder_s2) or 'random'.")
-  if not isinstance(t.ignore_label, int) or 0 <= t.ignore_label < config.objective.num_classes:
-    raise ConfigError(f'config.transfer.ignore_label={t.ignore_label!r} is not allowed; expected '
-                      f'an integer outside the classes 0..{config.objective.num_classes - 1}.')
+  """Raises ConfigError naming the first setting that cannot work (config_validation's rules)."""
+  config_validation.validate_transfer_config(config)
 
 
 # ----------------------------------------------------------------------------------------------

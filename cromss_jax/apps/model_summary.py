@@ -61,7 +61,7 @@ def summarize(config: ml_collections.ConfigDict, depth: int = 2) -> str:
   num_classes = config.objective.num_classes
   s2_channels = config.data.s2_bands
   model = build_pretrain_model(config.model, num_classes, s2_channels)
-  size = config.data.get('crop_size', 256)
+  size = config.data.crop_size
   s1 = jax.ShapeDtypeStruct((1, size, size, config.model.s1_channels), jnp.float32)
   s2 = jax.ShapeDtypeStruct((1, size, size, s2_channels), jnp.float32)
   variables = jax.eval_shape(functools.partial(model.init, train=False), jax.random.key(0), s1, s2)
