@@ -14,7 +14,9 @@ OSM split folders also hold `label_dw/`, which is not read.
 
 One example per tile, the record format of `data_prep.dfc2020` (docs/DESIGN.md): `s1` uint8
 [512,512,2], `s2` uint8 [512,512,13], `label` uint8 [512,512] with 255 = ignore, `patch_id` =
-`<id>`. TFDS names `ssl4eo_s12_dw` / `ssl4eo_s12_osm`, splits `train` and `test`.
+`<id>`. TFDS names `ssl4eo_s12_dw` / `ssl4eo_s12_osm`, splits `train` and `test` (the release:
+DW 3,574 / 340 tiles, OSM 1,375 / 400). There is no validation split: the reference scripts
+train on `train` and score `test` every epoch, as the transfer loop here does.
 
 Labels, as the CromSS reader maps them:
 * DW: file value 0 (unlabelled: the experts left ambiguous areas unmarked) and 10 (cloud) ->
@@ -34,7 +36,8 @@ mean +- 2 std window as the pretraining set (constants.S2_MEAN/S2_STD, S1_MEAN/S
 truncates to uint8 (`astype(uint8)` after scaling to [0, 255] in float32) where the pretraining
 records (SPEC §2.2, `constants.normalise_to_uint8`) round. `--quantise floor` (default)
 reproduces the reference's bytes; `--quantise round` gives the pretraining records' rounding.
-S1 NaN/inf become 0 and are counted (the reference leaves that cast undefined).
+S1 NaN/inf become 0 and are counted (the reference leaves that cast undefined). As in the
+reference, no processing-baseline DN offset is removed from S2.
 
 Rejected tiles (rejects.csv, the `location` column holding `<split>/<id>`): a missing or
 unreadable file, a size other than 510/512, S1/S2/label sizes or grids that disagree, wrong
@@ -131,19 +134,6 @@ def tile_path(split_dir: str, labels: str, modality: str, tile_id: str) -> str:
   return os.path.join(split_dir, f'image_{modality}', f'{modality}_{tile_id}.tif')
 
 
-def _raster_header(path: str) -> tuple[tuple[int, int], int]:
-  """(height, width), band count, from the header only; failures name the file."""
-  import rasterio  # pylint: disable=g-import-not-at-top
-
-  if not os.path.isfile(path):
-    raise common.BadInput(path, 'missing_file: file does not exist')
-  try:
-    with rasterio.open(path) as src:
-      return (src.height, src.width), src.count
-  except Exception as err:  # pylint: disable=broad-except
-    raise common.BadInput(path, f'unreadable: {type(err).__name__}: {err}') from None
-
-
 @dataclasses.dataclass(frozen=True)
 class DwOsmConverter(common.Converter):
   """(split, tile id) -> one example of `ssl4eo_s12_dw` / `ssl4eo_s12_osm`."""
@@ -178,7 +168,7 @@ class DwOsmConverter(common.Converter):
 
   def _label(self, path: str, shape: tuple[int, int], ref: common.RasterInfo
              ) -> tuple[np.ndarray, int]:
-    _, count = _raster_header(path)
+    count = common.read_info(path).count
     if self.labels == 'osm' and count != 1:
       raise common.BadInput(path, f'band_count: {count} bands, expected 1')
     data, info = common.read_raster(path, count=count, native_shape=shape)
@@ -207,7 +197,7 @@ class DwOsmConverter(common.Converter):
     split, tile_id = item
     split_dir = os.path.join(self.root, dict(self.split_dirs)[split])
     s2_path = tile_path(split_dir, self.labels, 's2', tile_id)
-    shape, _ = _raster_header(s2_path)
+    shape = common.read_info(s2_path).shape
     if shape[0] != shape[1] or shape[0] not in NATIVE_SIZES:
       raise common.BadInput(s2_path, f'size_mismatch: {shape[0]}x{shape[1]} px, expected '
                             '510x510 or 512x512')
