@@ -56,6 +56,7 @@ S2_BAND_SUBSETS = {
 
 TILE_SIZE = 264          # SSL4EO-S12 tiles on the 10 m grid
 NUM_SEASONS = 4
+MODALITIES = ('s1', 's2')  # Sentinel-1 radar, Sentinel-2 optical: the two branches
 
 DW_CLASSES = ('Water', 'Trees', 'Grass', 'Flooded vegetation', 'Crops', 'Shrub & scrub',
               'Built area', 'Bare ground', 'Snow & ice')

@@ -21,25 +21,21 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from absl import app
-from absl import flags
 from absl import logging
 
+from cromss_jax import cli
 from cromss_jax import constants
 from cromss_jax import exports
 from cromss_jax import input_pipeline
 from cromss_jax.losses import masked_segmentation_loss, valid_pixels
 from cromss_jax import metrics as metrics_lib
+from cromss_jax import models
 from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax.models import decoders
 
 Batch = Mapping[str, jax.Array]
-
-
-def unit_float(x: jax.Array) -> jax.Array:
-  """uint8 records -> [0, 1] floats (the normalisation itself happened at conversion)."""
-  return x.astype(jnp.float32) / 255.0
+unit_float = models.unit_float  # TODO(integration): callers use models.unit_float
 
 
 def class_names(config: ml_collections.ConfigDict) -> tuple[str, ...]:
@@ -62,7 +58,7 @@ def make_eval_fn(model: nn.Module, config: ml_collections.ConfigDict) -> Callabl
   def eval_fn(params, batch_stats, batch: Batch, epoch) -> dict[str, jax.Array]:
     del epoch
     logits = model.apply({'params': params, 'batch_stats': batch_stats},
-                         unit_float(batch[modality]), train=False)
+                         models.unit_float(batch[modality]), train=False)
     labels = batch['label']
     samples = (batch['valid'].astype(bool) if 'valid' in batch
                else jnp.ones(labels.shape[:1], bool))
@@ -226,7 +222,7 @@ def load_transfer_checkpoint(workdir: str) -> tuple[ml_collections.ConfigDict, d
   """(config, variables, meta, step) of a transfer workdir's latest checkpoint."""
   state, meta, step = exports.load_latest_checkpoint(workdir)
   if meta.get('task') != 'transfer':
-    raise ValueError(f'{workdir} holds a {meta.get("task")!r} run, not a transfer run; '
+    raise cli.UserError(f'{workdir} holds a {meta.get("task")!r} run, not a transfer run; '
                      'evaluate works on workdirs of `main --config=configs/transfer.py`.')
   config = exports.config_from_meta(meta)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
@@ -256,34 +252,6 @@ def evaluate_workdir(workdir: str, split: str | None = None, *, dataset_dir: str
   return scores, paths
 
 
-def _define_flags() -> None:
-  """CLI flags, defined only when run as a program (importers keep their own flags).
-
-  allow_override: `cromss_jax.export` (imported here) defines --workdir and --out at import.
-  """
-  flags.DEFINE_string('workdir', None, 'Transfer workdir (with checkpoints/).',
-                      allow_override=True)
-  flags.DEFINE_string('split', None, "Split to evaluate; default the config's test split.")
-  flags.DEFINE_string('dataset_dir', None, 'Override config.data.dataset_dir (data moved).')
-  flags.DEFINE_integer('batch_size', None, 'Evaluation batch size (global).')
-  flags.DEFINE_string('out', None, 'Folder for the report files; default the workdir.',
-                      allow_override=True)
-  flags.mark_flags_as_required(['workdir'])
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # tf.data only
-  f = flags.FLAGS
-  scores, paths = evaluate_workdir(f.workdir, f.split, dataset_dir=f.dataset_dir,
-                                   batch_size=f.batch_size, out_dir=f.out)
-  with open(paths['md']) as fh:
-    print(fh.read(), end='')
-  print(f'loss {scores["loss"]:.4f}; wrote ' + ', '.join(paths.values()))
-
-
 if __name__ == '__main__':
-  _define_flags()
-  app.run(main)
+  from cromss_jax.apps import evaluate as evaluate_app
+  evaluate_app.run()

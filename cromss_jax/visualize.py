@@ -14,6 +14,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (backend must be chosen first)
 from matplotlib.colors import ListedColormap  # noqa: E402
 
 from cromss_jax import constants  # noqa: E402
+from cromss_jax import models
 from cromss_jax import objective  # noqa: E402
 
 
@@ -35,8 +36,8 @@ def write_pretrain_panel(model, obj_cfg: ml_collections.ConfigDict, params, batc
                          batch: dict[str, np.ndarray], epoch: int, path: str) -> None:
   """S2 RGB, S1 VV, noisy (and clean) label, both predictions and both weight maps."""
   sample = {k: np.asarray(v[:1]) for k, v in batch.items()}
-  s1 = jnp.asarray(sample['s1'], jnp.float32) / 255.0
-  s2 = jnp.asarray(sample['s2'], jnp.float32) / 255.0
+  s1 = models.unit_float(sample['s1'])
+  s2 = models.unit_float(sample['s2'])
   z1, z2 = model.apply({'params': params, 'batch_stats': batch_stats}, s1, s2, train=False)
   prior = (objective.smoothing_prior(jnp.asarray(sample['season_labels']),
                                      jnp.asarray(sample['season']), obj_cfg)

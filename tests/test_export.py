@@ -1,6 +1,6 @@
 """`python -m cromss_jax.export`: the S1/S2 encoders and the whole model of a pretraining run.
 
-The run is run A of test_train.py (made once per session by `test_train.shared_run`: ResNet-18
+The run is run A of test_train.py (made once per session by `pretrain_run.shared_run`: ResNet-18
 mid fusion, 13 S2 bands, 3 epochs, latest checkpoint at step 6); the export runs through the
 command line, as a user would call it.
 """
@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import test_train
+import helpers
+import pretrain_run
 from cromss_jax import constants
 from cromss_jax import exports
 from cromss_jax import models
@@ -23,9 +24,9 @@ from cromss_jax import models
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, request):
-  shared = test_train.shared_run(tmp_path_factory, request)
+  shared = pretrain_run.shared_run(tmp_path_factory, request)
   out = tmp_path_factory.mktemp('export') / 'E'
-  proc = test_train.Proc([sys.executable, '-m', 'cromss_jax.export',
+  proc = helpers.Proc([sys.executable, '-m', 'cromss_jax.export',
                           f'--workdir={shared["a_workdir"]}', f'--out={out}'],
                          out.parent / 'export.log')
   rc = proc.wait()
@@ -37,7 +38,7 @@ def exported(tmp_path_factory, request):
 
 
 def _assert_same_tree(actual, expected, what):
-  test_train.assert_trees_equal(actual, expected, what)
+  helpers.assert_trees_equal(actual, expected, what)
 
 
 def test_export_cli_writes_encoders_and_model_with_metadata(exported):
@@ -54,8 +55,8 @@ def test_export_cli_writes_encoders_and_model_with_metadata(exported):
     assert info['kind'] == 'encoder' and info['modality'] == modality
     assert info['encoder'] == 'resnet18'
     assert info['classes'] == list(constants.DW_CLASSES) and info['num_classes'] == 9
-    assert info['source_step'] == exported['step'] == test_train.TOTAL_STEPS
-    assert info['epoch'] == test_train.TINY['training.num_epochs']
+    assert info['source_step'] == exported['step'] == helpers.TOTAL_STEPS
+    assert info['epoch'] == helpers.TINY['training.num_epochs']
     assert info['config']['objective']['keep_ratio'] == 0.3
   # Bands in SPEC order, with the normalisation the records were made with.
   assert s1['bands'] == ['VV', 'VH']
@@ -101,7 +102,7 @@ def test_exported_s2_encoder_in_a_fresh_model_reproduces_the_features(exported):
   s2 = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 64, 64, 13)), jnp.float32)
   # The run's freshly initialised network (train.init_state, before any step).
   initial = dict(np.load(exported['init']))
-  fresh = {c: test_train.unflat(initial, c) for c in ('params', 'batch_stats')}
+  fresh = {c: helpers.unflat(initial, c) for c in ('params', 'batch_stats')}
   encoder, _ = exports.load_exported(str(exported['out'] / 'encoder_s2'))
   inserted = models.insert_encoder(fresh, encoder, 's2')
 

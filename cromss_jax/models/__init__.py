@@ -3,6 +3,7 @@ from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretr
                                       compute_dtype, extract_encoder, insert_encoder)
 from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels
 from cromss_jax.models.unet import UNetDecoder
+from cromss_jax.models.inputs import unit_float
 
 __all__ = [
     'LateFusionUNet',
@@ -15,4 +16,5 @@ __all__ = [
     'extract_encoder',
     'insert_encoder',
     'pyramid_channels',
+    'unit_float',
 ]

@@ -17,11 +17,12 @@ import numpy as np
 from cromss_jax import constants
 from cromss_jax import losses as losses_lib
 from cromss_jax import metrics as metrics_lib
+from cromss_jax import models
 from cromss_jax import objective
 from cromss_jax.tasks import pretrain
 from cromss_jax.train.task import Evaluation, Task
 
-MODALITIES = ('s1', 's2')
+MODALITIES = constants.MODALITIES
 SELECTION_BINS = 100        # weight histogram buckets in [0, 1), plus one for weight exactly 1
 
 
@@ -119,7 +120,7 @@ def create_single_modal_task(config: ml_collections.ConfigDict, modality: str) -
 
   def logits(params, batch_stats, batch, train_mode):
     variables = {'params': params, 'batch_stats': batch_stats}
-    inputs = (pretrain.to_unit_float(batch['s1']), pretrain.to_unit_float(batch['s2']))
+    inputs = (models.unit_float(batch['s1']), models.unit_float(batch['s2']))
     if train_mode:
       (z1, z2), updates = model.apply(variables, *inputs, train=True, mutable=['batch_stats'])
       stats = dict(updates['batch_stats'])
@@ -181,7 +182,7 @@ def create_selection_task(config: ml_collections.ConfigDict) -> Task:
     if 'clean_labels' not in batch:
       return sums
     z1, z2 = model.apply({'params': params, 'batch_stats': batch_stats},
-                         pretrain.to_unit_float(batch['s1']), pretrain.to_unit_float(batch['s2']),
+                         models.unit_float(batch['s1']), models.unit_float(batch['s2']),
                          train=False)
     mask = _pixel_mask(batch)
     # Padded samples get an out-of-range label: no weight, no part in the class thresholds.

@@ -18,14 +18,9 @@ from cromss_jax.config_validation import validate_pretrain_config
 from cromss_jax.train.task import Batch, Data, Evaluation, Learner, LossFn, Task
 
 
-def to_unit_float(x: jax.Array) -> jax.Array:
-  """uint8 records -> [0, 1] floats (the normalisation itself happened at conversion)."""
-  return x.astype(jnp.float32) / 255.0
-
-
 def _pretrain_forward(model: nn.Module, params, batch_stats, batch: Batch, train: bool):
   variables = {'params': params, 'batch_stats': batch_stats}
-  s1, s2 = to_unit_float(batch['s1']), to_unit_float(batch['s2'])
+  s1, s2 = models.unit_float(batch['s1']), models.unit_float(batch['s2'])
   if train:
     (z1, z2), updates = model.apply(variables, s1, s2, train=True, mutable=['batch_stats'])
     return z1, z2, updates['batch_stats']
@@ -106,7 +101,7 @@ def create_pretrain_learner(config: ml_collections.ConfigDict) -> Learner:
             's2': np.zeros((1, crop, crop, config.data.s2_bands), np.uint8)}
 
   def apply_init(module, rng, batch):
-    return module.init(rng, to_unit_float(batch['s1']), to_unit_float(batch['s2']),
+    return module.init(rng, models.unit_float(batch['s1']), models.unit_float(batch['s2']),
                        train=False)
 
   return Learner(model=model, init_batch=init_batch, apply_init=apply_init,

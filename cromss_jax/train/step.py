@@ -24,10 +24,11 @@ def all_finite(tree) -> jax.Array:
 def train_step(state: TrainState, batch: Batch, *, loss_fn: LossFn,
                tx: optax.GradientTransformation, lr_fn: Callable,
                steps_per_epoch: int) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One update. A non-finite loss or gradient leaves the state unchanged (but counted).
+  """One update. A non-finite loss, gradient or update leaves the state unchanged (counted).
 
   The skip is one `lax.cond` around the whole update rather than a per-leaf select: the same
-  result, and about 3x faster to compile on CPU (hundreds of selects each become a kernel).
+  result, and far less to compile (hundreds of selects would each become a kernel; see
+  docs/PERFORMANCE.md).
   """
   epoch = (state.step // steps_per_epoch).astype(jnp.float32)
   rng = jax.random.fold_in(state.rng, state.step)
