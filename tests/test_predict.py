@@ -306,13 +306,17 @@ def test_clear_errors(tmp_path):
     run(s2_path=bad_bands)
   with pytest.raises(predict.PredictionError, match=r's1_3\.tif has 3 bands'):
     run(s1_path=_write_tif(tmp_path / 's1_3.tif', np.zeros((3, H, W), np.float32)))
-  with pytest.raises(predict.PredictionError, match='same grid'):
-    run(s1_path=_write_tif(tmp_path / 'small.tif', s1[:, :100]))
-  with pytest.raises(predict.PredictionError, match='CRS'):
-    run(s1_path=_write_tif(tmp_path / 'crs.tif', s1, crs=CRS.from_epsg(32633)))
-  shifted = Affine(10.0, 0.0, 500_010.0, 0.0, -10.0, 5_000_000.0)   # one pixel east
-  with pytest.raises(predict.PredictionError, match='transform'):
-    run(s1_path=_write_tif(tmp_path / 'shift.tif', s1, transform=shifted))
+  # S1 on another grid is reprojected onto the S2 grid; refused only when they do not overlap.
+  far = Affine(10.0, 0.0, 900_000.0, 0.0, -10.0, 6_000_000.0)
+  with pytest.raises(predict.PredictionError, match='does not overlap'):
+    run(s1_path=_write_tif(tmp_path / 'far.tif', s1, transform=far))
+  with pytest.raises(predict.PredictionError, match='does not overlap'):
+    run(s1_path=_write_tif(tmp_path / 'crs.tif', s1, crs=CRS.from_epsg(32610)))
+  with pytest.raises(predict.PredictionError, match='no CRS to reproject by'):
+    with rasterio.open(tmp_path / 'nocrs.tif', 'w', driver='GTiff', height=H, width=W,
+                       count=2, dtype='float32') as dst:
+      dst.write(s1)
+    run(s1_path=str(tmp_path / 'nocrs.tif'))
   garbage = tmp_path / 'garbage.tif'
   garbage.write_bytes(b'not a tiff at all')
   with pytest.raises(predict.PredictionError, match='garbage.tif cannot be read'):
@@ -340,3 +344,109 @@ def test_window_grid_covers_scene_and_taper_is_complementary():
                                 np.pad(np.arange(5), (3, 2), mode='reflect')[:10])
   np.testing.assert_array_equal(predict.reflect_indices(-20, 50, 4),
                                 np.pad(np.arange(4), (20, 26), mode='reflect')[:50])
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: one `error:` line for every bad input, and the README's commands as written
+# ----------------------------------------------------------------------------------------------
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _cli(args, cwd):
+  import shlex
+  import subprocess
+  import sys
+  env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
+  argv = shlex.split(args) if isinstance(args, str) else args
+  assert argv[:3] == ['python', '-m', 'cromss_jax.predict']
+  return subprocess.run([sys.executable] + argv[1:], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+def _one_error_line(result, *fragments):
+  assert result.returncode == 1, (result.returncode, result.stderr[-2000:])
+  assert 'Traceback' not in result.stderr, result.stderr[-3000:]
+  last = [line for line in result.stderr.splitlines() if line.strip()][-1]
+  assert last.startswith('error: '), result.stderr[-2000:]
+  for fragment in fragments:
+    assert fragment in last, last
+
+
+@pytest.mark.slow
+def test_cli_bad_inputs_give_one_error_line(tmp_path):
+  scene = _s2_scene(height=64, width=64)
+  s2 = _write_tif(tmp_path / 's2.tif', scene)
+  # A pretraining workdir (its checkpoint says task 'pretrain'): points at the export.
+  workdir = str(tmp_path / 'pretrain_run')
+  manager = checkpointing.create_manager(workdir, keep=1)
+  checkpointing.save(manager, 3, {'params': {'w': np.zeros(2, np.float32)}},
+                     {'task': 'pretrain', 'steps_per_epoch': 1, 'config': '{}'})
+  manager.close()
+  _one_error_line(_cli(['python', '-m', 'cromss_jax.predict', '--model', workdir, '--s2', s2,
+                        '--out', 'map.tif'], tmp_path),
+                  "is a 'pretrain' workdir", 'python -m cromss_jax.export')
+  export = _pretrain_export(str(tmp_path))
+  garbage = tmp_path / 'garbage.tif'
+  garbage.write_bytes(b'not a tiff at all')
+  five = _write_tif(tmp_path / 'five.tif', scene[:5])
+  s1_far = _write_tif(tmp_path / 's1_far.tif', np.zeros((2, 64, 64), np.float32),
+                      crs=CRS.from_epsg(32610))
+  cases = [     # (in-process, test_clear_errors covers the rest; each process costs ~10 s)
+      (['--s2', str(garbage)], 'garbage.tif cannot be read'),
+      (['--s2', five, '--s1', s1_far], 'five.tif has 5 bands'),
+      (['--s2', s2, '--s1', s1_far], 'does not overlap'),
+      (['--s2', s2, '--out', str(tmp_path / 'five.tif' / 'map.tif')], 'five.tif'),
+  ]
+  for args, fragment in cases:
+    if '--out' not in args:
+      args = args + ['--out', str(tmp_path / 'map.tif')]
+    _one_error_line(_cli(['python', '-m', 'cromss_jax.predict', '--model', export] + args,
+                         tmp_path), fragment)
+  assert not os.path.exists(tmp_path / 'map.tif')
+
+
+@pytest.mark.slow
+def test_readme_commands_as_written(tmp_path):
+  """The commands of README section 4, run as written in a folder holding what they name."""
+  scene = _s2_scene(seed=7, height=90, width=130)
+  _write_tif(tmp_path / 'scene_s2.tif', scene)
+  _write_tif(tmp_path / 's2.tif', scene)
+  # S1 on its own grid (EPSG:4326), covering the S2 scene.
+  from rasterio.warp import transform_bounds
+  west, south, east, north = transform_bounds(CRS_UTM, CRS.from_epsg(4326), 500_000,
+                                              5_000_000 - 900, 501_300, 5_000_000)
+  step = 8e-5
+  s1 = np.random.default_rng(1).normal(-15, 3, (2, int((north - south) / step) + 8,
+                                               int((east - west) / step) + 8))
+  _write_tif(tmp_path / 's1.tif', s1.astype(np.float32), crs=CRS.from_epsg(4326),
+             transform=Affine(step, 0, west - 4 * step, 0, -step, north + 4 * step))
+  bands = tmp_path / 'S2_bands'
+  bands.mkdir()
+  for i, band in enumerate(constants.S2_BANDS):
+    f = constants.S2_RESOLUTION_M[i] // 10
+    data = scene[i, :90 // f * f, :126 // f * f]
+    data = data.reshape(90 // f, f, 126 // f, f).mean((1, 3)).astype(np.uint16)
+    _write_tif(bands / f'B{band[1:].zfill(2)}.tif', data[None],
+               transform=TRANSFORM * Affine.scale(f))
+  os.makedirs(tmp_path / 'runs')
+  os.rename(_transfer_workdir(str(tmp_path), _s2_scene(seed=2)),
+            tmp_path / 'runs' / 'dfc_s2_pspnet_frozen')
+  os.makedirs(tmp_path / 'exports')
+  os.rename(_pretrain_export(str(tmp_path)), tmp_path / 'exports' / 'cromss_mid')
+
+  readme = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
+  section = readme.split('## 4. Mapping a scene')[1].split('\n## ')[0]
+  commands = [line for line in section.splitlines()
+              if line.startswith('python -m cromss_jax.predict')]
+  assert len(commands) >= 3
+  for command in commands:
+    result = _cli(command, tmp_path)
+    assert result.returncode == 0, (command, result.stderr[-3000:])
+    out = command.split('--out ')[1].split()[0]
+    with rasterio.open(tmp_path / out) as src:
+      assert src.tags(ns='IMAGE_STRUCTURE').get('LAYOUT') == 'COG'
+      assert src.crs == CRS_UTM and src.transform == TRANSFORM
+      assert src.count == (2 if '--confidence' in command else 1)
+    assert os.path.isfile(tmp_path / (os.path.splitext(out)[0] + '.qml'))
+    summary = json.loads(result.stdout)
+    assert summary['out'] == str(tmp_path / out)
