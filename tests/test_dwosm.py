@@ -274,3 +274,27 @@ def test_transfer_dw_runs_end_to_end(converted):
   assert scores['classes'] == list(ssl4eo_dwosm.DW_CLASSES)   # the DW names, not 'class 8'
   assert scores['split'] == 'test' and scores['model']['decoder'] == 'deeplabv3plus'
   assert scores['pixels'] > 0 and 0.0 <= scores['oa'] <= 100.0
+
+
+
+def test_osm_config_reads_the_converted_data(converted):
+  """The OSM config against its converted records: sizes, channels, batches, FPN (no compile)."""
+  from cromss_jax import input_pipeline
+  from cromss_jax import transfer
+  from cromss_jax.models import decoders
+  base, _ = converted
+  config = transfer_osm.get_config()
+  config.data.dataset_dir = str(base / 'data' / 'tfds' / 'ssl4eo_s12_osm')
+  config.model.encoder = 'resnet18'
+  config.data.crop_size = 64
+  config.training.global_batch_size = 2
+  transfer.validate_transfer_config(config)
+  info = input_pipeline.downstream_info(config, train_split=config.data.train_split,
+                                        eval_split=config.data.test_split)
+  assert (info.num_train_examples, info.num_eval_examples, info.tile_size) == (2, 2, 512)
+  assert info.steps_per_epoch == 1 and info.s2_channels == 13
+  batch = next(input_pipeline.create_downstream_iterator(config, 'train', train=True))
+  assert batch['label'].shape == (2, 64, 64) and batch['s2'].shape == (2, 64, 64, 13)
+  assert set(np.unique(batch['label'])) <= set(range(13)) | {255}
+  model = decoders.build_transfer_model(config)
+  assert (model.decoder, model.num_classes) == ('fpn', 13)
