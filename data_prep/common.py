@@ -219,12 +219,15 @@ def grids_agree(a: RasterInfo, b: RasterInfo, tolerance_px: float) -> bool:
   return True
 
 
+SAME_EXTENT_PX = 1e-3  # Bounds closer than this (in reference pixels) count as identical.
+
+
 @dataclasses.dataclass(frozen=True)
 class Alignment:
   """How a file relates to the reference grid (see `check_alignment`)."""
   offset_px: float      # misregistration beyond what its pixel size explains, in ref pixels
   on_grid: bool         # same shape and bounds (within tolerance): read as stored
-  same_extent: bool     # same bounds (within tolerance): a plain resize is georeferenced
+  same_extent: bool     # on the grid, or the same bounds: a plain resize is georeferenced
   shifted: bool         # offset beyond tolerance but allowed (max_offset_px): counted
 
 
@@ -259,9 +262,11 @@ def check_alignment(info: RasterInfo, ref: RasterInfo, *, what: str, ref_what: s
                    f'{ref_what} ({ref.path}) by {in_px:.2f} px = {_num(in_units)} '
                    f'{_units(ref)} (allowed {allowed + convention:g} px = '
                    f'{_num((allowed + convention) * rx)} {_units(ref)})')
-  same_extent = in_px <= tolerance_px + 1e-9
-  return Alignment(offset_px=offset, on_grid=same_extent and info.shape == ref.shape,
-                   same_extent=same_extent, shifted=offset > tolerance_px + 1e-9)
+  # A plain resize equals resampling by georeferencing only when the extents coincide.
+  same_extent = in_px <= SAME_EXTENT_PX
+  on_grid = info.shape == ref.shape and in_px <= tolerance_px + 1e-9
+  return Alignment(offset_px=offset, on_grid=on_grid, same_extent=same_extent or on_grid,
+                   shifted=offset > tolerance_px + 1e-9)
 
 
 def warp_to_grid(data: np.ndarray, info: RasterInfo, ref: RasterInfo, resampling: str,
@@ -279,7 +284,7 @@ def warp_to_grid(data: np.ndarray, info: RasterInfo, ref: RasterInfo, resampling
 
   work = data.astype(np.float32) if resampling != 'nearest' else data
   padded = np.pad(work, ((0, 0), (pad, pad), (pad, pad)), mode='edge')
-  src_transform = Affine(*info.transform) * Affine.translation(-pad, -pad)
+  src_transform = Affine(*info.transform) @ Affine.translation(-pad, -pad)
   out = np.zeros((data.shape[0], *ref.shape), padded.dtype)
   reproject(padded, out, src_transform=src_transform, src_crs=info.crs,
             dst_transform=Affine(*ref.transform), dst_crs=ref.crs,
