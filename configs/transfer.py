@@ -81,13 +81,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config.objective.num_classes = 8   # DW-ordered DFC2020 classes (SPEC §2.4)
   config.objective.seg_losses = ('ce', 'dice')   # over labelled pixels (SPEC §6)
 
-  config.optimizer.learning_rate = 5e-4   # SPEC §6: Adam 5e-4, cosine schedule
+  # SPEC §6: Adam 5e-4 without weight decay, cosine schedule.
+  config.optimizer.learning_rate = 5e-4
   config.optimizer.weight_decay = 0.0
   config.schedule.name = 'cosine'
 
+  # SPEC §6: 50 epochs of batch 32; no pretraining panel.
   training = config.training
-  training.num_epochs = 50           # SPEC §6: 50 epochs, batch 32
+  training.num_epochs = 50
   training.global_batch_size = 32
   training.checkpoint_every_epochs = 10
-  training.panel_every_epochs = 0    # the pretraining panel does not apply
+  training.panel_every_epochs = 0
   return pretrain.apply_variant(config, VARIANTS, variant)
