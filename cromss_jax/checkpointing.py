@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 from typing import Any
 
+import ml_collections
+
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
 from cromss_jax import cli
+from cromss_jax import exports
 
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -78,3 +81,14 @@ def _set_aside_newer(manager: ocp.CheckpointManager, good_step: int) -> None:
         os.replace(os.path.join(directory, str(step)), target)
         logging.warning('Moved the unreadable checkpoint of step %d to %s.', step, target)
   manager.reload()
+
+
+def load_transfer_checkpoint(workdir: str) -> tuple[ml_collections.ConfigDict, dict, dict, int]:
+  """(config, variables, meta, step) of a transfer workdir's latest checkpoint."""
+  state, meta, step = exports.load_latest_checkpoint(workdir)
+  if meta.get('task') != 'transfer':
+    raise cli.UserError(f'{workdir} holds a {meta.get("task")!r} run, not a transfer run; '
+                     'evaluate works on workdirs of `main --config=configs/transfer.py`.')
+  config = exports.config_from_meta(meta)
+  variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
+  return config, variables, meta, int(step)

@@ -134,14 +134,11 @@ def _checkpoint_task(workdir: str) -> str | None:
                           ) from None
 
 
-def _unit_float(x: jax.Array) -> jax.Array:
-  """uint8 -> [0, 1], exactly evaluate.unit_float (not imported here: it brings TensorFlow)."""
-  return x.astype(jnp.float32) / 255.0
-
-
 def _transfer_predictor(workdir: str, dtype: str | None) -> Predictor:
-  # evaluate imports the tf.data input pipeline (TensorFlow: seconds and ~0.5 GB): only here.
-  from cromss_jax import evaluate  # pylint: disable=g-import-not-at-top
+  # The transfer task imports the tf.data input pipeline (TensorFlow: seconds and ~0.5 GB):
+  # only here.
+  from cromss_jax import checkpointing  # pylint: disable=g-import-not-at-top
+  from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top
   task = _checkpoint_task(workdir)
   if task is None:
     raise PredictionError(f'--model {workdir}: no complete checkpoint in '
@@ -153,7 +150,7 @@ def _transfer_predictor(workdir: str, dtype: str | None) -> Predictor:
     raise PredictionError(f'--model {workdir} is a {task!r} workdir; predict needs a transfer '
                           f'workdir or a pretraining export.{hint}')
   try:
-    config, variables, _, step = evaluate.load_transfer_checkpoint(workdir)
+    config, variables, _, step = checkpointing.load_transfer_checkpoint(workdir)
   except ValueError as err:
     raise PredictionError(f'--model {workdir}: {err}') from None
   if dtype:
@@ -162,15 +159,15 @@ def _transfer_predictor(workdir: str, dtype: str | None) -> Predictor:
   modality = config.transfer.modality
 
   def apply(v, inputs):
-    logits = model.apply(v, evaluate.unit_float(inputs[modality]), train=False)
+    logits = model.apply(v, models.unit_float(inputs[modality]), train=False)
     return jax.nn.softmax(logits, axis=-1)
 
   return Predictor(
-      probs_fn=_jit_probs(apply, variables), class_names=evaluate.class_names(config),
+      probs_fn=_jit_probs(apply, variables), class_names=transfer.class_names(config),
       s2_bands=(constants.S2_BAND_SUBSETS[int(config.data.s2_bands)] if modality == 's2'
                 else None),
       uses_s1=modality == 's1',
-      description=f'{evaluate.run_name(config)}, step {step} of {os.path.abspath(workdir)}')
+      description=f'{transfer.run_name(config)}, step {step} of {os.path.abspath(workdir)}')
 
 
 def _pretrain_predictor(path: str, with_s1: bool, dtype: str | None) -> Predictor:
@@ -190,8 +187,8 @@ def _pretrain_predictor(path: str, with_s1: bool, dtype: str | None) -> Predicto
   s1_channels = int(config.model.s1_channels)
 
   def apply(v, inputs):
-    s2 = _unit_float(inputs['s2'])
-    s1 = (_unit_float(inputs['s1']) if with_s1
+    s2 = models.unit_float(inputs['s2'])
+    s1 = (models.unit_float(inputs['s1']) if with_s1
           else jnp.zeros(s2.shape[:3] + (s1_channels,), jnp.float32))  # branch unused: removed
     z1, z2 = model.apply(v, s1, s2, train=False)
     probs = jax.nn.softmax(z2, axis=-1)
@@ -554,11 +551,13 @@ def open_sources(predictor: Predictor, s2_path: str | None, s1_path: str | None,
 # Normalisation
 # ----------------------------------------------------------------------------------------------
 class _Normaliser:
-  """Raw band values -> uint8 exactly as constants.normalise_to_uint8, plus the nodata mask.
+  """Raw band values -> uint8 exactly as constants.normalise_to_uint8, and the nodata mask.
 
-  Integer inputs of at most 16 bits go through a per-band lookup table built with
-  normalise_to_uint8 itself (the same value always maps to the same byte), which is much faster
-  than the float64 formula on whole blocks; other inputs use the formula in row chunks.
+  The mask is needed for every pixel (it decides which windows are skipped), the normalised
+  values only for the windows that are computed: the row cache keeps raw values and normalises
+  window by window. Integer inputs of at most 16 bits go through a per-band lookup table built
+  with normalise_to_uint8 itself (the same value always maps to the same byte), much faster
+  than the float64 formula; other inputs use the formula.
   """
 
   def __init__(self, modality: str, subset: tuple[int, ...]):
@@ -576,34 +575,37 @@ class _Normaliser:
       values = np.arange(info.min, info.max + 1, dtype=np.float64)[:, None]
       lut, _ = constants.normalise_to_uint8(np.broadcast_to(values, (len(values), len(
           self.mean))), self.mean, self.std)
-      self._luts[dtype] = (lut, -int(info.min))
+      self._luts[dtype] = (np.ascontiguousarray(lut.T), -int(info.min))   # [bands, values]
     return self._luts[dtype]
 
-  def __call__(self, block: np.ndarray, marked: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(uint8 [rows, cols, bands], nodata bool [rows, cols])."""
-    if np.issubdtype(block.dtype, np.integer) and block.dtype.itemsize <= 2:
-      lut, offset = self._lut(block.dtype)
-      index = block.astype(np.int32) + offset if offset else block
-      image = lut[index, np.arange(block.shape[-1])]
-      bad = np.all(marked, -1)
-      if self.modality == 's2':
-        bad |= np.all(block == 0, -1)
-      return image, bad
-    image = np.empty(block.shape, np.uint8)
+  def nodata(self, block: np.ndarray, marked: np.ndarray) -> np.ndarray:
+    """bool [rows, cols]: S2: all bands marked, or all 0, or any non-finite; S1: all bands
+    marked or non-finite."""
+    floating = np.issubdtype(block.dtype, np.floating)
     bad = np.empty(block.shape[:2], bool)
     for r0 in range(0, block.shape[0], NORMALISE_ROWS):
       rows = slice(r0, r0 + NORMALISE_ROWS)
       chunk, mark = block[rows], marked[rows]
-      finite = np.isfinite(chunk) if np.issubdtype(chunk.dtype, np.floating) else None
       if self.modality == 's1':
-        bad[rows] = np.all(mark | ~finite, -1) if finite is not None else np.all(mark, -1)
+        bad[rows] = np.all(mark | ~np.isfinite(chunk), -1) if floating else np.all(mark, -1)
       else:
         chunk_bad = np.all(mark, -1) | np.all(chunk == 0, -1)
-        if finite is not None:
-          chunk_bad |= np.any(~finite, -1)
+        if floating:
+          chunk_bad |= np.any(~np.isfinite(chunk), -1)
         bad[rows] = chunk_bad
-      image[rows], _ = constants.normalise_to_uint8(chunk, self.mean, self.std)
-    return image, bad
+    return bad
+
+  def __call__(self, values: np.ndarray) -> np.ndarray:
+    """uint8 [..., bands] of raw values [..., bands]."""
+    if np.issubdtype(values.dtype, np.integer) and values.dtype.itemsize <= 2:
+      lut, offset = self._lut(values.dtype)
+      out = np.empty(values.shape, np.uint8)
+      for band in range(values.shape[-1]):
+        index = values[..., band]
+        out[..., band] = lut[band][index.astype(np.int32) + offset if offset else index]
+      return out
+    out, _ = constants.normalise_to_uint8(values, self.mean, self.std)
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -670,38 +672,49 @@ def column_blocks(width: int, block_width: int = BLOCK_WIDTH) -> list[tuple[int,
 
 
 class _RowCache:
-  """Normalised input rows of one column range, read as the rows of windows move down."""
+  """Raw input rows of one column range and the primary input's nodata mask, read as the rows
+  of windows move down."""
 
   def __init__(self, sources: Mapping[str, Source], normalisers: Mapping[str, _Normaliser],
                primary: str, x0: int, x1: int):
     self.sources, self.normalisers, self.primary = sources, normalisers, primary
     self.x0, self.x1 = x0, x1
     self.lo = self.hi = 0
-    self.images: dict[str, np.ndarray] = {}
+    self.raw: dict[str, np.ndarray] = {}
     self.mask = np.zeros((0, x1 - x0), bool)
 
   def _read(self, lo: int, hi: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
     from rasterio.windows import Window  # pylint: disable=g-import-not-at-top
     window = Window(self.x0, lo, self.x1 - self.x0, hi - lo)
-    images, mask = {}, None
+    raw, mask = {}, None
     for modality, source in self.sources.items():
-      block, marked = source.read(window)
-      images[modality], bad = self.normalisers[modality](block, marked)
+      raw[modality], marked = source.read(window)
       if modality == self.primary:
-        mask = bad
-    return images, mask
+        mask = self.normalisers[modality].nodata(raw[modality], marked)
+    return raw, mask
 
   def rows(self, lo: int, hi: int) -> None:
     """Holds exactly rows [lo, hi) afterwards, reading only those not held yet."""
-    if self.images and self.lo <= lo <= self.hi <= hi:
+    if self.raw and self.lo <= lo <= self.hi <= hi:
       keep = slice(lo - self.lo, None)
       new, mask = self._read(self.hi, hi) if hi > self.hi else ({}, None)
-      self.images = {k: np.concatenate([v[keep], new[k]]) if new else v[keep]
-                     for k, v in self.images.items()}
+      self.raw = {k: np.concatenate([v[keep], new[k]]) if new else v[keep]
+                  for k, v in self.raw.items()}
       self.mask = np.concatenate([self.mask[keep], mask]) if new else self.mask[keep]
     else:
-      self.images, self.mask = self._read(lo, hi)
+      self.raw, self.mask = self._read(lo, hi)
     self.lo, self.hi = lo, hi
+
+  def window(self, ys: np.ndarray, xs: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The normalised inputs at rows ys, columns xs (scene indices), or None when the primary
+    input is nodata at all of them. Reflected indices step by +-1, so they cover exactly the
+    range [min, max]: the nodata test is a slice."""
+    y0, y1 = int(ys.min()) - self.lo, int(ys.max()) + 1 - self.lo
+    x0, x1 = int(xs.min()) - self.x0, int(xs.max()) + 1 - self.x0
+    if self.mask[y0:y1, x0:x1].all():
+      return None
+    index = (ys[:, None] - self.lo, xs[None, :] - self.x0)
+    return {k: self.normalisers[k](v[index]) for k, v in self.raw.items()}
 
 
 def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: int, width: int,
@@ -742,18 +755,17 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
       for row in range(grid.rows):
         ys = reflect_indices(row * grid.stride - grid.margin, grid.window, height)
         cache.rows(int(ys.min()), int(ys.max()) + 1)
-        ys_local = ys - cache.lo
         first, last = strip_rows(row)
         masks[row] = (first, cache.mask[first - cache.lo:last - cache.lo, x0 - rx0:x1 - rx0]
                       .copy())
         for c in cols:
-          index = (ys_local[:, None], xs[c][None, :] - rx0)
-          if cache.mask[index].all():
+          inputs = cache.window(ys, xs[c])
+          if inputs is None:
             stats['skipped'] += 1
             if progress is not None:
               progress(1)
             continue
-          yield row, c, {k: v[index] for k, v in cache.images.items()}
+          yield row, c, inputs
 
     def predicted() -> Iterator[tuple[int, int, np.ndarray]]:
       """(row, col, probabilities) in window order; one batch in flight while the next forms."""
@@ -798,12 +810,14 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
       done = grid.stride if row < grid.rows - 1 else grid.window
       mask_first, mask = masks.pop(row)
       if last > first:
-        strip = slice(first - y0, last - y0)
-        num, den = acc[strip, out_cols], norm[strip, out_cols, None]
-        probs = np.divide(num, den, out=np.zeros_like(num), where=den > 0)
-        yield first, x0, probs, mask
-      acc = np.concatenate([acc[done:], np.zeros_like(acc[:done])])
-      norm = np.concatenate([norm[done:], np.zeros_like(norm[:done])])
+        if mask.all():                             # nothing to compute: all nodata
+          yield first, x0, None, mask
+        else:
+          strip = slice(first - y0, last - y0)
+          num, den = acc[strip, out_cols], norm[strip, out_cols, None]
+          yield first, x0, np.divide(num, den, out=np.zeros_like(num), where=den > 0), mask
+      acc[:-done], norm[:-done] = acc[done:], norm[done:]    # shift up (copies: no aliasing)
+      acc[-done:], norm[-done:] = 0, 0
 
     for r, c, probs in predicted():
       if acc is None:
@@ -950,14 +964,19 @@ class _MapWriter:
       warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
       self.dst = rasterio.open(path, 'w', **profile)
 
-  def write(self, first: int, x0: int, probs: np.ndarray, invalid: np.ndarray) -> None:
+  def write(self, first: int, x0: int, probs: np.ndarray | None, invalid: np.ndarray) -> None:
+    """probs [rows, cols, C] (None: all nodata), invalid [rows, cols]."""
     from rasterio.windows import Window  # pylint: disable=g-import-not-at-top
-    rows, cols = probs.shape[:2]
+    window = Window(x0, first, invalid.shape[1], invalid.shape[0])
+    if probs is None:
+      blank = np.full(invalid.shape, NODATA, np.uint8)
+      for band in range(1, self.dst.count + 1):
+        self.dst.write(blank, band, window=window)
+      return
     classes = np.argmax(probs, axis=-1).astype(np.uint8)
     classes[invalid] = NODATA
     self.counts += np.bincount(classes[~invalid].ravel(),
                                minlength=self.num_classes)[:self.num_classes]
-    window = Window(x0, first, cols, rows)
     self.dst.write(classes, 1, window=window)
     if self.confidence:
       conf = np.minimum(np.rint(np.max(probs, axis=-1) * 255.0), NODATA - 1).astype(np.uint8)

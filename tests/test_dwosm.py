@@ -7,7 +7,6 @@ reads with the CromSS reader's formula written out independently (float64, trunc
 """
 import csv
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -25,8 +24,8 @@ import tensorflow_datasets as tfds
 
 from configs import transfer_dw
 from configs import transfer_osm
-from cromss_jax import evaluate
 from cromss_jax.models import ResNetEncoder
+from cromss_jax.tasks import transfer
 from data_prep import ssl4eo_dwosm
 
 REPO = Path(__file__).resolve().parents[1]
@@ -238,8 +237,8 @@ def test_configs_follow_the_paper():
         ('train', 'test', 512)
     assert config.optimizer.learning_rate == 5e-4 and config.training.num_epochs == 50
     assert config.training.global_batch_size == 32
-  assert evaluate.class_names(dw) == ssl4eo_dwosm.DW_CLASSES
-  assert evaluate.class_names(osm) == ssl4eo_dwosm.OSM_CLASSES
+  assert transfer.class_names(dw) == ssl4eo_dwosm.DW_CLASSES
+  assert transfer.class_names(osm) == ssl4eo_dwosm.OSM_CLASSES
 
 
 def _write_encoder_export(folder: Path) -> str:
@@ -280,7 +279,7 @@ def test_transfer_dw_runs_end_to_end(converted):
 def test_osm_config_reads_the_converted_data(converted):
   """The OSM config against its converted records: sizes, channels, batches, FPN (no compile)."""
   from cromss_jax import input_pipeline
-  from cromss_jax import transfer
+  from cromss_jax.tasks import transfer
   from cromss_jax.models import decoders
   base, _ = converted
   config = transfer_osm.get_config()

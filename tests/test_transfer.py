@@ -18,11 +18,11 @@ import tensorflow_datasets as tfds
 
 from configs import transfer as transfer_config
 from cromss_jax import constants
-from cromss_jax import evaluate
+from cromss_jax import losses
 from cromss_jax import exports
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import train
-from cromss_jax import transfer
+from cromss_jax.tasks import transfer
 from cromss_jax.models import ResNetEncoder
 from cromss_jax.models import decoders
 
@@ -195,13 +195,13 @@ def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
 
   @jax.jit
   def loss(z):
-    return evaluate.masked_segmentation_loss(z, labels, NUM_CLASSES, ('ce', 'dice'), 255)
+    return losses.masked_segmentation_loss(z, labels, NUM_CLASSES, ('ce', 'dice'), 255)
 
   assert float(loss(logits)) == pytest.approx(float(loss(other)), rel=1e-6)
   grad = jax.grad(loss)(logits)
   assert float(jnp.abs(jnp.where(ignored, grad, 0.0)).max()) == 0.0
   assert float(jnp.abs(grad).max()) > 0.0
-  everything_ignored = evaluate.masked_segmentation_loss(
+  everything_ignored = losses.masked_segmentation_loss(
       logits, jnp.full_like(labels, 255), NUM_CLASSES, ('ce', 'dice'), 255)
   assert float(everything_ignored) == 0.0
 
@@ -215,7 +215,7 @@ def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
   model = PerPixel()
   x = jnp.zeros((2, 8, 8, 13), jnp.uint8)
   variables = model.init(jax.random.PRNGKey(0), x.astype(jnp.float32), train=False)
-  eval_fn = evaluate.make_eval_fn(model, config)
+  eval_fn = transfer.make_eval_fn(model, config)
   batch = {'s2': x, 'label': labels, 'valid': jnp.asarray([True, False])}
   sums = jax.jit(eval_fn)(variables['params'], {}, batch, 0)
   # Only the valid sample counts, and only its labelled pixels.
@@ -343,7 +343,7 @@ def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monk
     for key in want:
       np.testing.assert_array_equal(np.asarray(got[key]), want[key], err_msg=str(key))
 
-  again, paths = evaluate.evaluate_workdir(workdir, out_dir=str(tmp_path / 'again'))
+  again, paths = transfer.evaluate_workdir(workdir, out_dir=str(tmp_path / 'again'))
   np.testing.assert_array_equal(again['confusion_matrix'], report['confusion_matrix'])
   assert again['loss'] == pytest.approx(report['loss'], rel=1e-5)
   assert os.path.basename(paths['png']) == 'confusion_matrix.png'

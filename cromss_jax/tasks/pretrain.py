@@ -14,7 +14,7 @@ from cromss_jax import metrics as metrics_lib
 from cromss_jax import models
 from cromss_jax import objective
 from cromss_jax import visualize
-from cromss_jax.config_validation import validate_pretrain_config
+from cromss_jax.config_validation import validate_against_dataset, validate_pretrain_config
 from cromss_jax.train.task import Batch, Data, Evaluation, Learner, LossFn, Task
 
 
@@ -112,6 +112,7 @@ def create_pretrain_task(config: ml_collections.ConfigDict) -> Task:
   """CromSS pretraining on a converted SSL4EO-S12 dataset (config.data.dataset_dir)."""
   validate_pretrain_config(config)
   info = input_pipeline.pretrain_info(config)
+  validate_against_dataset(config, info)
   learner = create_pretrain_learner(config)
   obj_cfg = config.objective
 
