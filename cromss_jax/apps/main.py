@@ -70,7 +70,7 @@ def main(argv: Sequence[str]) -> None:
   config = _CONFIG.value
   try:
     if 'transfer' in config:
-      from cromss_jax import transfer  # pylint: disable=g-import-not-at-top
+      from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top
       transfer.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     else:
       from cromss_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top

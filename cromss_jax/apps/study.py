@@ -51,7 +51,7 @@ from cromss_jax import logs
 from cromss_jax import train
 from cromss_jax.tasks import ablations
 from cromss_jax.tasks import pretrain as pretrain_task
-from cromss_jax import transfer
+from cromss_jax.tasks import transfer
 from cromss_jax.config_validation import validate_pretrain_config
 from data_prep import dfc2020
 from data_prep import make_demo
