@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -33,7 +36,7 @@ def exported(tmp_path_factory, request):
   assert rc == 0, proc.tail()
   state, meta, step = exports.load_latest_checkpoint(shared['a_workdir'])
   return {'out': out, 'stdout': proc.text, 'state': state, 'meta': meta, 'step': step,
-          'init': shared['init'],
+          'init': shared['init'], 'workdir': shared['a_workdir'],
           'variables': {'params': state['params'], 'batch_stats': state['batch_stats']}}
 
 
@@ -134,3 +137,46 @@ def test_load_exported_rejects_a_non_export(tmp_path):
     exports.load_exported(str(tmp_path / 'not_an_export'))
   with pytest.raises(FileNotFoundError, match='train first'):
     exports.export_pretrained(str(tmp_path / 'empty_workdir'), str(tmp_path / 'out'))
+
+
+@pytest.mark.slow
+def test_export_replaces_an_existing_export_only_when_asked_and_never_half(exported, tmp_path):
+  """Refused without --overwrite; kill -9 while replacing leaves the old export whole; the
+  completed --overwrite run leaves exactly the new export (here in safetensors)."""
+  out = tmp_path / 'E'
+  shutil.copytree(exported['out'], out)
+  (out / 'stale_from_an_earlier_run').write_text('old')
+  before = sorted(os.listdir(out))
+  cmd = [sys.executable, '-m', 'cromss_jax.export', f'--workdir={exported["workdir"]}',
+         f'--out={out}']
+  refused = helpers.Proc(cmd, tmp_path / 'refused.log')
+  assert refused.wait() == 1, refused.tail()
+  assert f'error: {out} exists; pass --overwrite to replace it' in refused.text
+  assert 'Traceback' not in refused.text and sorted(os.listdir(out)) == before
+
+  # kill -9 as soon as the replacement has started writing (its temporary sibling folder).
+  victim = helpers.Proc(cmd + ['--overwrite', '--format=safetensors'], tmp_path / 'killed.log')
+  deadline = time.time() + 300
+  while time.time() < deadline and victim.p.poll() is None:
+    if any(p.startswith('.E.') and os.listdir(tmp_path / p) for p in os.listdir(tmp_path)):
+      break
+    time.sleep(0.005)
+  assert victim.p.poll() is None, 'the export finished before it could be killed'
+  os.kill(victim.p.pid, signal.SIGKILL)
+  victim.p.wait()
+  assert sorted(os.listdir(out)) == before
+  variables, meta = exports.load_exported(str(out / 'pretrain_model'))
+  assert meta['storage'] == 'orbax'
+  _assert_same_tree(variables, exported['variables'], 'old export after kill -9')
+
+  replaced = helpers.Proc(cmd + ['--overwrite', '--format=safetensors'],
+                          tmp_path / 'replaced.log')
+  assert replaced.wait() == 0, replaced.tail()
+  assert sorted(os.listdir(out)) == ['encoder_s1', 'encoder_s1.json', 'encoder_s2',
+                                     'encoder_s2.json', 'pretrain_model', 'pretrain_model.json']
+  for name in ('encoder_s1', 'encoder_s2', 'pretrain_model'):
+    assert os.listdir(out / name) == [exports.SAFETENSORS_FILE]
+    new, meta = exports.load_exported(str(out / name))
+    old, _ = exports.load_exported(str(exported['out'] / name))
+    assert meta['storage'] == 'safetensors'
+    _assert_same_tree(new, old, f'safetensors {name}')

@@ -1,4 +1,10 @@
-"""`python -m cromss_jax.export --workdir DIR --out EXPORT`: both encoders of a pretraining run."""
+"""`python -m cromss_jax.export --workdir DIR --out EXPORT`: both encoders of a pretraining run.
+
+  [--format orbax|safetensors]  how the variables are stored (safetensors: no pickles, readable
+                                by any safetensors library); `exports.load_exported` reads both
+  [--overwrite]                 replace an existing EXPORT (refused otherwise); the new export
+                                is written aside and swapped in, so EXPORT is never half-written
+"""
 from __future__ import annotations
 
 import os
@@ -11,6 +17,9 @@ from cromss_jax import exports
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Pretraining workdir (with checkpoints/).')
 _OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
+_FORMAT = flags.DEFINE_enum('format', 'orbax', list(exports.FORMATS),
+                            'Storage of the variables: orbax or safetensors.')
+_OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export directory.')
 
 
 def main(argv: Sequence[str]) -> None:
@@ -18,7 +27,8 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _WORKDIR.value or not _OUT.value:
     raise cli.UserError('--workdir and --out are required')
-  paths = exports.export_pretrained(_WORKDIR.value, _OUT.value)
+  paths = exports.export_pretrained(_WORKDIR.value, _OUT.value, overwrite=_OVERWRITE.value,
+                                    fmt=_FORMAT.value)
   for name, path in paths.items():
     print(f'{name}: {path}  (+ {os.path.basename(path)}.json)')
 
