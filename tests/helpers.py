@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import glob
 import os
+import signal
 import re
 import subprocess
 import sys
@@ -11,12 +12,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from configs import demo as demo_config
+from configs import pretrain as pretrain_config
+from cromss_jax import train
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
@@ -204,3 +209,74 @@ class Proc:
 def cli_command(workdir, dataset_dir, **changes) -> list[str]:
   return [sys.executable, '-m', 'cromss_jax.main', '--config=configs/demo.py',
           f'--workdir={workdir}', *cli_overrides(dataset_dir, **changes)]
+
+
+# ------------------------------------------------------------------------------------------------
+# A toy task for the training machinery
+# ------------------------------------------------------------------------------------------------
+class ToyModel(nn.Module):
+  width: int = 4
+
+  @nn.compact
+  def __call__(self, x, train: bool):
+    x = nn.Conv(self.width, (3, 3))(x)
+    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
+    return nn.Dense(1)(nn.relu(x).mean(axis=(1, 2)))[:, 0]
+
+
+def toy_batch(step: int, nan: bool = False) -> dict[str, np.ndarray]:
+  rng = np.random.default_rng(step)
+  x = rng.normal(size=(4, 8, 8, 2)).astype(np.float32)
+  y = (x.mean(axis=(1, 2, 3)) * 3.0 + 1.0).astype(np.float32)
+  if nan:
+    x[:] = np.nan
+  return {'x': x, 'y': y}
+
+
+def toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None,
+             width: int = 4) -> train.Task:
+  """A conv + BatchNorm + dense regression task on synthetic batches: compiles in about a second."""
+  model = ToyModel(width)
+  yielded = [] if yielded is None else yielded
+
+  def loss_fn(params, batch_stats, batch, epoch, rng):
+    del epoch, rng
+    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'],
+                               train=True, mutable=['batch_stats'])
+    loss = jnp.mean((out - batch['y']) ** 2)
+    return loss, (updates['batch_stats'], {'mse': loss})
+
+  def eval_fn(params, batch_stats, batch, epoch):
+    del epoch
+    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'], train=False)
+    return {'se': jnp.sum((out - batch['y']) ** 2), 'n': jnp.float32(out.shape[0])}
+
+  def train_iterator(start):
+    step = start
+    while True:
+      if step in sigterm_before:
+        os.kill(os.getpid(), signal.SIGTERM)   # handled by train's SIGTERM handler
+      yielded.append(step)
+      yield toy_batch(step, nan=step in nan_steps)
+      step += 1
+
+  return train.Task(
+      name='toy',
+      learner=train.Learner(
+          model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
+          apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
+          loss_fn=loss_fn),
+      data=train.Data(train_iterator=train_iterator, steps_per_epoch=steps_per_epoch,
+                      global_batch_size=4),
+      evaluation=train.Evaluation(
+          eval_fn=eval_fn, summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
+          eval_iterator=lambda: iter([toy_batch(10_000)])))
+
+
+def toy_config(num_epochs: int, max_nonfinite: int = 3):
+  config = pretrain_config.get_config()
+  config.training.update(num_epochs=num_epochs, global_batch_size=4, log_every_steps=1,
+                         checkpoint_every_epochs=1, eval_every_epochs=1, keep_checkpoints=50,
+                         panel_every_epochs=0, max_consecutive_nonfinite=max_nonfinite)
+  config.optimizer.learning_rate = 1e-2
+  return config

@@ -22,13 +22,10 @@ import signal
 import time
 from pathlib import Path
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import pretrain as pretrain_config
 from cromss_jax import exports
 from cromss_jax import train
 from cromss_jax.tasks import pretrain
@@ -36,6 +33,7 @@ from cromss_jax.train import state as state_lib
 from cromss_jax.config_validation import ConfigError
 
 import pretrain_run
+from helpers import toy_config, toy_task
 from helpers import (PROCESS_TIMEOUT_S, TMP_SUFFIX, TOTAL_STEPS, Proc,
                      assert_trees_equal, cli_command, complete_steps, flat,
                      read_scalars, restore_step, tiny_config)
@@ -132,75 +130,10 @@ def test_run_traces_the_step_once_and_writes_history_summaries_panels(shared):
 # ------------------------------------------------------------------------------------------------
 # 3. Non-finite steps (toy task) and in-process SIGTERM at exact steps
 # ------------------------------------------------------------------------------------------------
-class _Toy(nn.Module):
-
-  @nn.compact
-  def __call__(self, x, train: bool):
-    x = nn.Conv(4, (3, 3))(x)
-    x = nn.BatchNorm(use_running_average=not train, momentum=0.9)(x)
-    return nn.Dense(1)(nn.relu(x).mean(axis=(1, 2)))[:, 0]
-
-
-def _toy_batch(step: int, nan: bool = False) -> dict[str, np.ndarray]:
-  rng = np.random.default_rng(step)
-  x = rng.normal(size=(4, 8, 8, 2)).astype(np.float32)
-  y = (x.mean(axis=(1, 2, 3)) * 3.0 + 1.0).astype(np.float32)
-  if nan:
-    x[:] = np.nan
-  return {'x': x, 'y': y}
-
-
-def _toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None) -> train.Task:
-  model = _Toy()
-  yielded = [] if yielded is None else yielded
-
-  def loss_fn(params, batch_stats, batch, epoch, rng):
-    del epoch, rng
-    out, updates = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'],
-                               train=True, mutable=['batch_stats'])
-    loss = jnp.mean((out - batch['y']) ** 2)
-    return loss, (updates['batch_stats'], {'mse': loss})
-
-  def eval_fn(params, batch_stats, batch, epoch):
-    del epoch
-    out = model.apply({'params': params, 'batch_stats': batch_stats}, batch['x'], train=False)
-    return {'se': jnp.sum((out - batch['y']) ** 2), 'n': jnp.float32(out.shape[0])}
-
-  def train_iterator(start):
-    step = start
-    while True:
-      if step in sigterm_before:
-        os.kill(os.getpid(), signal.SIGTERM)   # handled by train's SIGTERM handler
-      yielded.append(step)
-      yield _toy_batch(step, nan=step in nan_steps)
-      step += 1
-
-  return train.Task(
-      name='toy',
-      learner=train.Learner(
-          model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
-          apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
-          loss_fn=loss_fn),
-      data=train.Data(train_iterator=train_iterator, steps_per_epoch=steps_per_epoch,
-                      global_batch_size=4),
-      evaluation=train.Evaluation(
-          eval_fn=eval_fn, summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
-          eval_iterator=lambda: iter([_toy_batch(10_000)])))
-
-
-def _toy_config(num_epochs: int, max_nonfinite: int = 3):
-  config = pretrain_config.get_config()
-  config.training.update(num_epochs=num_epochs, global_batch_size=4, log_every_steps=1,
-                         checkpoint_every_epochs=1, eval_every_epochs=1, keep_checkpoints=50,
-                         panel_every_epochs=0, max_consecutive_nonfinite=max_nonfinite)
-  config.optimizer.learning_rate = 1e-2
-  return config
-
-
 def test_nan_batch_is_skipped_and_training_continues(tmp_path):
   yielded: list[int] = []
-  state = train.train_and_evaluate(_toy_config(num_epochs=5), str(tmp_path),
-                                   _toy_task(1, nan_steps={2}, yielded=yielded))
+  state = train.train_and_evaluate(toy_config(num_epochs=5), str(tmp_path),
+                                   toy_task(1, nan_steps={2}, yielded=yielded))
   assert yielded == [0, 1, 2, 3, 4]
   assert int(state.step) == 5
   assert int(state.nonfinite_total) == 1 and int(state.nonfinite_streak) == 0
@@ -222,8 +155,8 @@ def test_nan_batch_is_skipped_and_training_continues(tmp_path):
 def test_consecutive_nan_batches_stop_training_and_keep_last_good_checkpoint(tmp_path):
   yielded: list[int] = []
   with pytest.raises(train.TrainingError) as info:
-    train.train_and_evaluate(_toy_config(num_epochs=5, max_nonfinite=3), str(tmp_path),
-                             _toy_task(2, nan_steps=set(range(2, 100)), yielded=yielded))
+    train.train_and_evaluate(toy_config(num_epochs=5, max_nonfinite=3), str(tmp_path),
+                             toy_task(2, nan_steps=set(range(2, 100)), yielded=yielded))
   message = str(info.value)
   assert 'max_consecutive_nonfinite=3' in message and '3 consecutive steps' in message
   assert str(tmp_path) in message
@@ -241,7 +174,7 @@ def test_consecutive_nan_batches_stop_training_and_keep_last_good_checkpoint(tmp
 @pytest.fixture(scope='module')
 def toy_reference(tmp_path_factory):
   workdir = tmp_path_factory.mktemp('toy_reference')
-  state = train.train_and_evaluate(_toy_config(num_epochs=3), str(workdir), _toy_task(2))
+  state = train.train_and_evaluate(toy_config(num_epochs=3), str(workdir), toy_task(2))
   return state, json.loads((workdir / 'history.json').read_text())
 
 
@@ -252,13 +185,13 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, 
   k=1 is the last step of epoch 1, where the regular epoch checkpoint is also due.
   """
   with pytest.raises(train.Preempted) as stopped:
-    train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path),
-                             _toy_task(2, sigterm_before={signal_step}))
+    train.train_and_evaluate(toy_config(num_epochs=3), str(tmp_path),
+                             toy_task(2, sigterm_before={signal_step}))
   assert stopped.value.step == signal_step + 1
   assert int(stopped.value.state.step) == signal_step + 1
   assert complete_steps(tmp_path)[-1] == signal_step + 1
   assert signal.getsignal(signal.SIGTERM) is not None   # the previous handler is back
-  final = train.train_and_evaluate(_toy_config(num_epochs=3), str(tmp_path), _toy_task(2))
+  final = train.train_and_evaluate(toy_config(num_epochs=3), str(tmp_path), toy_task(2))
   reference, reference_history = toy_reference
   assert_trees_equal(final, reference, 'resumed state')
   assert json.loads((tmp_path / 'history.json').read_text()) == reference_history
