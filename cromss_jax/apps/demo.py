@@ -70,11 +70,12 @@ def convert(raw: str, out: str) -> tuple[str, str]:
 def pretrain(dataset_dir: str, out: str) -> str:
   from configs import demo as demo_config
   from cromss_jax import train
+  from cromss_jax.tasks import pretrain as pretrain_task
   config = demo_config.get_config()
   config.data.dataset_dir = dataset_dir
   config.training.num_epochs = _PRETRAIN_EPOCHS.value
   workdir = os.path.join(out, 'pretrain')
-  train.train_and_evaluate(config, workdir)
+  train.train_and_evaluate(config, workdir, pretrain_task.create_pretrain_task(config))
   with open(os.path.join(workdir, 'history.json')) as f:
     last = json.load(f)[-1]
   print('    last epoch: ' + '  '.join(f'{k} {v:.3f}' for k, v in last.items()
@@ -90,21 +91,18 @@ def export(workdir: str, out: str) -> dict[str, str]:
 def transfer_all(paths: dict[str, str], dfc_dir: str, out: str) -> dict[str, str]:
   """Frozen-encoder transfer of each pretrained encoder and a random-init baseline."""
   from configs import transfer as transfer_config
-  from cromss_jax import constants, metrics, transfer
+  from cromss_jax import constants, metrics
+  from cromss_jax.tasks import transfer
   runs = {'CromSS S2 encoder (frozen)': ('s2', paths['s2']),
           'CromSS S1 encoder (frozen)': ('s1', paths['s1']),
           'random init S2 (frozen)': ('s2', 'random')}
   rows = {}
   for name, (modality, encoder_path) in runs.items():
-    config = transfer_config.get_config()
+    config = transfer_config.get_config('demo')
     config.data.dataset_dir = dfc_dir
-    config.model.encoder = 'resnet18'
-    config.model.compute_dtype = 'float32'
     config.transfer.modality = modality
     config.transfer.encoder_path = encoder_path
     config.training.num_epochs = _TRANSFER_EPOCHS.value
-    config.training.global_batch_size = 8
-    config.training.log_every_steps = 3
     workdir = os.path.join(out, 'transfer', name.split(' (')[0].replace(' ', '_').lower())
     print(f'    {name} -> {workdir}', flush=True)
     rows[name] = transfer.run(config, workdir)

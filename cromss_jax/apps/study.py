@@ -43,7 +43,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from configs import demo as demo_config
+from configs import pretrain as pretrain_cfg
 from configs import transfer as transfer_cfg
 from cromss_jax import cli
 from cromss_jax import exports
@@ -124,8 +124,9 @@ class StudySettings:
 # ----------------------------------------------------------------------------------------------
 def pretrain_config(settings: StudySettings, method: Method, seed: int,
                     dataset_dir: str) -> ml_collections.ConfigDict:
-  """configs/demo.py at the study's scale, with the method's fusion and objective switches."""
-  config = demo_config.get_config()
+  """The `study` variant of configs/pretrain.py at the settings' scale, with the method's
+  fusion and objective switches."""
+  config = pretrain_cfg.get_config('study')
   config.seed = seed
   config.data.dataset_dir = dataset_dir
   config.data.crop_size = settings.crop
@@ -139,21 +140,19 @@ def pretrain_config(settings: StudySettings, method: Method, seed: int,
   training.steps_per_epoch = settings.steps_per_epoch
   training.global_batch_size = settings.batch
   training.checkpoint_every_epochs = max(1, settings.epochs // 2)
-  training.keep_checkpoints = 1
   training.log_every_steps = settings.steps_per_epoch
-  training.panel_every_epochs = 0
   return config
 
 
 def transfer_config(settings: StudySettings, seed: int, dataset_dir: str, modality: str,
                     encoder_path: str, setting: str) -> ml_collections.ConfigDict:
-  """configs/transfer.py at the study's scale; evaluated on the test split at the end only."""
-  config = transfer_cfg.get_config()
+  """The `study` variant of configs/transfer.py at the settings' scale; evaluated on the test
+  split at the end only."""
+  config = transfer_cfg.get_config('study')
   config.seed = seed
   config.data.dataset_dir = dataset_dir
   config.data.crop_size = settings.transfer_crop
   config.model.encoder = settings.encoder
-  config.model.compute_dtype = 'float32'
   config.transfer.modality = modality
   config.transfer.encoder_path = encoder_path
   config.transfer.freeze_encoder = setting == 'frozen'
@@ -163,8 +162,6 @@ def transfer_config(settings: StudySettings, seed: int, dataset_dir: str, modali
   training.global_batch_size = settings.batch
   training.eval_every_epochs = settings.transfer_epochs
   training.checkpoint_every_epochs = settings.transfer_epochs
-  training.keep_checkpoints = 1
-  training.log_every_steps = 10
   return config
 
 
