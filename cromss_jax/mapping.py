@@ -744,7 +744,7 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
     p0 = cols[0] * grid.stride                     # padded column of the accumulator's column 0
     local_width = (cols[-1] - cols[0]) * grid.stride + grid.window
     out_cols = slice(x0 + grid.margin - p0, x1 + grid.margin - p0)
-    masks: dict[int, tuple[int, np.ndarray]] = {}  # per row of windows: its output rows' nodata
+    masks: dict[int, np.ndarray] = {}  # per row of windows: the nodata of the rows it emits
 
     def strip_rows(row: int) -> tuple[int, int]:
       done = grid.stride if row < grid.rows - 1 else grid.window
@@ -756,8 +756,7 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
         ys = reflect_indices(row * grid.stride - grid.margin, grid.window, height)
         cache.rows(int(ys.min()), int(ys.max()) + 1)
         first, last = strip_rows(row)
-        masks[row] = (first, cache.mask[first - cache.lo:last - cache.lo, x0 - rx0:x1 - rx0]
-                      .copy())
+        masks[row] = cache.mask[first - cache.lo:last - cache.lo, x0 - rx0:x1 - rx0].copy()
         for c in cols:
           inputs = cache.window(ys, xs[c])
           if inputs is None:
@@ -808,7 +807,7 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
       first, last = strip_rows(row)
       y0 = row * grid.stride - grid.margin
       done = grid.stride if row < grid.rows - 1 else grid.window
-      mask_first, mask = masks.pop(row)
+      mask = masks.pop(row)
       if last > first:
         if mask.all():                             # nothing to compute: all nodata
           yield first, x0, None, mask
@@ -892,8 +891,9 @@ def qgis_style(class_names: Sequence[str]) -> str:
 """
 
 
-def gdal_pam(class_names: Sequence[str], counts: Sequence[int]) -> str:
-  """GDAL's sidecar (.aux.xml) of band 1: category names and a thematic raster attribute table."""
+def gdal_pam(class_names: Sequence[str], counts: Sequence[int], qml_name: str) -> str:
+  """GDAL's sidecar (.aux.xml) of band 1: category names, a thematic raster attribute table,
+  and (metadata domain LEGEND) the name of the QGIS style beside the map."""
   categories = '\n'.join(f'      <Category>{escape(n)}</Category>' for n in class_names)
   fields = [('Value', 0, 5), ('Class', 2, 2), ('Red', 0, 6), ('Green', 0, 7), ('Blue', 0, 8),
             ('Count', 0, 1)]   # (name, GDALRATFieldType, GDALRATFieldUsage)
@@ -908,6 +908,9 @@ def gdal_pam(class_names: Sequence[str], counts: Sequence[int]) -> str:
                                                     counts)))
   return f"""<PAMDataset>
   <PAMRasterBand band="1">
+    <Metadata domain="LEGEND">
+      <MDI key="qml">{escape(qml_name)}</MDI>
+    </Metadata>
     <CategoryNames>
 {categories}
     </CategoryNames>
@@ -1002,9 +1005,11 @@ class _MapWriter:
 def write_cog(src_path: str, dst_path: str) -> None:
   """GDAL's COG driver: 512 px tiles, DEFLATE, nearest-neighbour overviews down to one tile."""
   import rasterio.shutil  # pylint: disable=g-import-not-at-top
-  rasterio.shutil.copy(src_path, dst_path, driver='COG', COMPRESS='DEFLATE', BLOCKSIZE=TILE,
-                       OVERVIEWS='AUTO', RESAMPLING='NEAREST', OVERVIEW_RESAMPLING='NEAREST',
-                       BIGTIFF='IF_SAFER', NUM_THREADS='ALL_CPUS')
+  with warnings.catch_warnings():      # --allow_no_crs maps: not georeferenced, as asked
+    warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+    rasterio.shutil.copy(src_path, dst_path, driver='COG', COMPRESS='DEFLATE', BLOCKSIZE=TILE,
+                         OVERVIEWS='AUTO', RESAMPLING='NEAREST', OVERVIEW_RESAMPLING='NEAREST',
+                         BIGTIFF='IF_SAFER', NUM_THREADS='ALL_CPUS')
 
 
 def _temporary(path: str, tag: str) -> str:
@@ -1076,7 +1081,8 @@ def _stream(predictor: Predictor, sources: Mapping[str, Source], grid: RasterInf
     counts = [int(c) for c in writer.counts]
     sidecars = legend_paths(out_path)
     utils.write_text(sidecars['qml'], qgis_style(predictor.class_names))
-    utils.write_text(sidecars['aux_xml'], gdal_pam(predictor.class_names, counts))
+    utils.write_text(sidecars['aux_xml'], gdal_pam(predictor.class_names, counts,
+                                                  os.path.basename(sidecars['qml'])))
     os.replace(cog, out_path)
   finally:
     for tmp in (tiled, cog):

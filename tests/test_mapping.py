@@ -208,8 +208,8 @@ def test_cog_with_legend_in_the_input_crs(tmp_path, crs, transform):
   assert rows == [[str(i), f'class {i}', *map(str, constants.DW_PALETTE[i]),
                    str(summary['pixels_per_class'][f'class {i}'])] for i in range(5)]
   assert sum(int(r[-1]) for r in rows) == int(np.sum(classes != 255))
-  with rasterio.open(out) as src:              # GDAL reads the map with its sidecar
-    assert src.tags(1)['0'] == 'class 0'
+  with rasterio.open(out) as src:              # GDAL reads the sidecar with the map
+    assert src.tags(1, ns='LEGEND') == {'qml': 'map.qml'} and src.tags(1)['0'] == 'class 0'
 
 
 def _stack(tmp_path, scene, name='s2.tif', **kw):
@@ -407,3 +407,23 @@ def test_cli_refuses_out_equal_to_input_with_one_error_line(tmp_path):
   assert lines[-1].startswith('error: --out ') and 'would overwrite the input' in lines[-1]
   assert 'Traceback' not in result.stderr
   assert _sha(s2) == before
+
+
+def test_s1_only_model_maps_on_the_s1_grid_with_its_nodata(tmp_path):
+  rng = np.random.default_rng(8)
+  s1 = rng.normal(-15, 4, (2, 70, 90)).astype(np.float32)
+  s1[:, :20] = np.nan                              # outside the swath
+  s1_path = write_tif(tmp_path / 's1.tif', s1, crs=WGS84, transform=WGS84_T)
+  net = Net(1)
+  variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 2)))
+  apply = jax.jit(lambda v, x: jax.nn.softmax(net.apply(v, (x / 255.0 - 0.5) * 4.0)))
+  predictor = mapping.Predictor(lambda inputs: apply(variables, inputs['s1']),
+                                tuple(f'class {i}' for i in range(5)), None, True, 'toy s1')
+  out = str(tmp_path / 'map.tif')
+  summary = mapping.predict_scene(predictor, out, s1_path=s1_path, window=64, overlap=16,
+                                  batch=4, progress=False)
+  with rasterio.open(out) as src:
+    assert src.crs == WGS84 and src.transform == WGS84_T
+    classes = src.read(1)
+  assert np.all(classes[:20] == 255) and not np.any(classes[20:] == 255)
+  assert summary['nodata_pixels'] == 20 * 90
