@@ -271,7 +271,8 @@ def _read_zip(path: str) -> Checkpoint:
       if member not in names:
         raise CheckpointError(f'{path}: storage {key} is missing from the archive')
       dtype = np.dtype(ref.dtype)
-      raw = archive.read(member)
+      with archive.open(member) as data:   # never more than the pickle asks for (zip bombs)
+        raw = data.read(ref.numel * dtype.itemsize)
       count = len(raw) // dtype.itemsize
       if count < ref.numel:
         raise CheckpointError(f'{path}: storage {key} holds {count} elements, the pickle says '
@@ -300,6 +301,7 @@ def _from_bytes(raw: bytes, dtype: Any, count: int, order: str) -> np.ndarray:
 def _read_legacy(path: str) -> Checkpoint:
   refs: dict[str, _StorageRef] = {}
   skipped: collections.Counter = collections.Counter()
+  size = os.path.getsize(path)
   with open(path, 'rb') as f:
     def load() -> Any:
       try:
@@ -330,8 +332,10 @@ def _read_legacy(path: str) -> Checkpoint:
       if len(header) != 8:
         raise CheckpointError(f'{path}: truncated at storage {key}')
       (count,) = struct.unpack(order + 'q', header)
+      if count < 0 or count * dtype.itemsize > size - f.tell():
+        raise CheckpointError(f'{path}: truncated at storage {key}')
       raw = f.read(count * dtype.itemsize)
-      if count < 0 or len(raw) != count * dtype.itemsize:
+      if len(raw) != count * dtype.itemsize:
         raise CheckpointError(f'{path}: truncated at storage {key}')
       storages[key] = _from_bytes(raw, dtype, count, order)
   return Checkpoint(obj, dict(skipped), storages, path)

@@ -160,6 +160,12 @@ def test_damaged_or_foreign_files_are_refused_with_a_message(tmp_path):
                        lambda n, d: d[:8] if '/data/' in n else d)
   with pytest.raises(torch_weights.CheckpointError, match='truncated'):
     torch_weights.read_checkpoint(short)
+  # A truncated legacy (pre-zip) file.
+  legacy = tmp_path / 'legacy.pth'
+  torch.save({'w': torch.zeros(100)}, str(legacy), _use_new_zipfile_serialization=False)
+  (tmp_path / 'legacy_cut.pth').write_bytes(legacy.read_bytes()[:-40])
+  with pytest.raises(torch_weights.CheckpointError, match='truncated'):
+    torch_weights.read_checkpoint(str(tmp_path / 'legacy_cut.pth'))
   # Not a checkpoint at all.
   junk = tmp_path / 'junk.ckpt'
   junk.write_bytes(b'not a torch checkpoint, just text\n' * 8)
@@ -291,6 +297,18 @@ def test_mismatches_are_errors_that_list_every_key():
   odd = {k: v.numpy() for k, v in _resnet_state(channels=5).items()}
   with pytest.raises(torch_weights.CheckpointError, match='takes 5 input bands'):
     torch_weights.convert(odd)
+
+
+def test_cromss_own_torch_save_with_a_module_prefix_is_recognised():
+  net = ref.randomise(ref.MidFusion(18, 3, 5, decoder_channels=(64, 32, 16, 16, 8)), seed=9)
+  state = {f'module.{k}': v.numpy() for k, v in net.state_dict().items()}
+  converted = torch_weights.convert(state)
+  assert (converted.kind, converted.fusion, converted.prefix) == ('pretrain_model', 'mid',
+                                                                  'module.')
+  assert (converted.s2_bands, converted.num_classes) == (3, 5)
+  assert converted.decoder_channels == (64, 32, 16, 16, 8)
+  np.testing.assert_array_equal(converted.variables['params']['decoder']['head']['bias'],
+                                state['module.segmentation_head.0.bias'])
 
 
 def test_two_resnets_need_a_prefix_and_the_prefix_selects_one():
