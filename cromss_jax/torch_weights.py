@@ -165,7 +165,7 @@ _ADMITTED: dict[tuple[str, str], Any] = {
 }
 for _module in ('builtins', '__builtin__'):
   for _name, _value in (('set', set), ('frozenset', frozenset), ('slice', slice),
-                        ('complex', complex), ('bytearray', bytearray)):
+                        ('complex', complex)):
     _ADMITTED[(_module, _name)] = _value
 _ADMITTED.update({('torch', name): _StorageType(name, dtype)
                   for name, dtype in _STORAGE_DTYPES.items()})
