@@ -30,7 +30,7 @@ release's 20/60 m grids are offset by half a coarse minus half a fine pixel). `-
 (default bilinear) for bands, nearest for labels. S1 offsets up to `--max-s1-offset-px` are
 accepted and counted; beyond them, or beyond `--grid-tolerance-px` for S2 and labels,
 `bounds_mismatch`. Values: uint8 input (the 8-bit release) is already normalised and stored as
-is; 16/32-bit input is normalised as SPEC §2.2 with the L1C or L2A statistics, after removing
+is; 16/32-bit input is clipped to mean +- 2 std of the L1C or L2A statistics, after removing
 the +1000 DN offset of processing baseline >= 04.00 (`--s2-offset`).
 
 Rejected (listed in rejects.csv, the run goes on unless --strict): unreadable or truncated

@@ -208,7 +208,7 @@ def normalise_float(x: np.ndarray, mean: float, std: float) -> np.ndarray:
 
 
 def normalise(x: np.ndarray, mean: float, std: float) -> np.ndarray:
-  """SPEC §2.2 written out: clip((x - (m - 2s)) / 4s, 0, 1) * 255, rounded; NaN -> 0."""
+  """The SSL4EO-S12 normalisation: clip((x - (m - 2s)) / 4s, 0, 1) * 255, rounded; NaN -> 0."""
   x = np.asarray(x, np.float64)
   v = np.rint(np.clip((np.nan_to_num(x, nan=mean - 2 * std) - (mean - 2 * std)) / (4 * std),
                       0, 1) * 255)

@@ -358,3 +358,28 @@ def test_s2_offset_option_and_metadata(tmp_path):
   for season in range(4):
     want = expected_s2(root, location, season, 'L1C')
     np.testing.assert_array_equal(record['s2'][season, ..., 7], np.rint(want[..., 7]))
+
+
+def test_tfds_builder_reads_the_noldo_layout(tmp_path):
+  """The Beam-capable builder (plain generator here) with a NoLDO CSV config: as the CLI."""
+  root = str(tmp_path / 'raw')
+  rng = np.random.default_rng(21)
+  locations = [rl.make_location(root, loc, rng, tile=60, product='L2A') for loc in (2, 3)]
+  rl.write_noldo_csv(os.path.join(root, 'noldo', 'ids.csv'), locations)
+  config = ssl4eo.Ssl4eoBuilderConfig(
+      name='noldo_l2a', s2_dir='s2a', labels_csv='noldo/ids.csv', labels_root='noldo/dw_labels',
+      tile_size=60, s2_product='L2A', labels_manifest='')
+  builder = ssl4eo.Ssl4eoS12Nol(data_dir=str(tmp_path / 'tfds'), config=config)
+  builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
+  got = {int(r['location_id']): r for r in tfds.as_numpy(
+      builder.as_dataset(split='train+validation'))}
+  out = str(tmp_path / 'cli')
+  ssl4eo.main(['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2a'),
+               '--labels-csv', os.path.join(root, 'noldo', 'ids.csv'), '--out', out,
+               '--labels-root', os.path.join(root, 'noldo', 'dw_labels'), '--workers', '1'])
+  want = load(out)
+  assert sorted(got) == sorted(want) == [2, 3]
+  for loc, record in want.items():
+    for key in ('s1', 's2', 'labels', 'acquisition_ids', 's1_acquisition_ids', 's2_band_names'):
+      np.testing.assert_array_equal(got[loc][key], record[key], err_msg=key)
+  check_record(got[3], root, locations[1], 'L2A')
