@@ -118,6 +118,7 @@ def _define_flags() -> None:
 
 
 def run() -> None:
+  _define_flags()
   cli.run_absl(main)
 
 
