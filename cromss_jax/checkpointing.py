@@ -6,17 +6,20 @@ position needs no separate record: the input pipeline restarts exactly at the sa
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-import ml_collections
-
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
 from absl import logging
 
 from cromss_jax import cli
-from cromss_jax import exports
+
+
+class MissingCheckpoint(cli.UserError, FileNotFoundError):
+  """A workdir without a (complete) checkpoint where one is needed."""
 
 
 def create_manager(workdir: str, *, keep: int) -> ocp.CheckpointManager:
@@ -83,12 +86,46 @@ def _set_aside_newer(manager: ocp.CheckpointManager, good_step: int) -> None:
   manager.reload()
 
 
+def abstract_on_one_device(metadata_tree: Any) -> Any:
+  """Shapes and dtypes of a saved tree, placed on this process's first device."""
+  device = jax.local_devices()[0]
+  single = jax.sharding.SingleDeviceSharding(device)
+  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single),
+                      metadata_tree)
+
+
+def load_latest_checkpoint(workdir: str) -> tuple[dict, dict, int]:
+  """(state as nested dicts, meta, step) of the latest complete checkpoint, on one device."""
+  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
+  if not os.path.isdir(directory):
+    raise MissingCheckpoint(f'no checkpoints in {directory}: train first with '
+                            f'`python -m cromss_jax.main --workdir={workdir} ...`')
+  # Explicit handlers, so the saved tree's metadata (not its device layout) shapes the restore:
+  # a checkpoint written by N devices or hosts restores onto this one device.
+  handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
+  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
+    step = manager.latest_step()
+    if step is None:
+      raise MissingCheckpoint(f'no complete checkpoint in {directory}')
+    metadata = manager.item_metadata(step)['state']
+    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
+    restored = manager.restore(step, args=ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_on_one_device(tree)),
+        meta=ocp.args.JsonRestore()))
+  return restored['state'], dict(restored['meta']), step
+
+
+def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
+  """The config a checkpoint was written with."""
+  return ml_collections.ConfigDict(json.loads(meta['config']))
+
+
 def load_transfer_checkpoint(workdir: str) -> tuple[ml_collections.ConfigDict, dict, dict, int]:
   """(config, variables, meta, step) of a transfer workdir's latest checkpoint."""
-  state, meta, step = exports.load_latest_checkpoint(workdir)
+  state, meta, step = load_latest_checkpoint(workdir)
   if meta.get('task') != 'transfer':
     raise cli.UserError(f'{workdir} holds a {meta.get("task")!r} run, not a transfer run; '
                      'evaluate works on workdirs of `main --config=configs/transfer.py`.')
-  config = exports.config_from_meta(meta)
+  config = config_from_meta(meta)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   return config, variables, meta, int(step)

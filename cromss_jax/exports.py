@@ -26,12 +26,12 @@ import os
 from typing import Any, Mapping
 
 import jax
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from flax import traverse_util
 
+from cromss_jax import checkpointing
 from cromss_jax import constants
 from cromss_jax import models
 from cromss_jax import utils
@@ -41,38 +41,6 @@ FORMATS = ('orbax', 'safetensors')
 SAFETENSORS_FILE = 'variables.safetensors'
 NORMALISATION = ('uint8 = round(clip((x - (mean - 2 std)) / (4 std), 0, 1) * 255); '
                  'the network input is uint8 / 255')
-
-
-def _abstract_on_one_device(metadata_tree: Any) -> Any:
-  device = jax.local_devices()[0]
-  single = jax.sharding.SingleDeviceSharding(device)
-  return jax.tree.map(lambda m: jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=single),
-                      metadata_tree)
-
-
-def load_latest_checkpoint(workdir: str) -> tuple[dict, dict, int]:
-  """(state as nested dicts, meta, step) of the latest complete checkpoint, on one device."""
-  directory = os.path.join(os.path.abspath(workdir), 'checkpoints')
-  if not os.path.isdir(directory):
-    raise FileNotFoundError(f'No checkpoints in {directory}: train first with '
-                            f'`python -m cromss_jax.main --workdir={workdir} ...`.')
-  # Explicit handlers, so the saved tree's metadata (not its device layout) shapes the restore:
-  # a checkpoint written by N devices or hosts restores onto this one device.
-  handlers = {'state': ocp.StandardCheckpointHandler(), 'meta': ocp.JsonCheckpointHandler()}
-  with ocp.CheckpointManager(directory, item_handlers=handlers) as manager:
-    step = manager.latest_step()
-    if step is None:
-      raise FileNotFoundError(f'No complete checkpoint in {directory}.')
-    metadata = manager.item_metadata(step)['state']
-    tree = metadata.tree if hasattr(metadata, 'tree') else metadata
-    restored = manager.restore(step, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(_abstract_on_one_device(tree)),
-        meta=ocp.args.JsonRestore()))
-  return restored['state'], dict(restored['meta']), step
-
-
-def config_from_meta(meta: dict) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads(meta['config']))
 
 
 def band_metadata(modality: str, s2_bands: int) -> dict:
@@ -143,8 +111,8 @@ def export_pretrained(workdir: str, out_dir: str, *, overwrite: bool = False,
   out_abs = os.path.abspath(out_dir)
   if os.path.exists(out_abs) and not overwrite:  # before the (slow) restore
     raise FileExistsError(f'{out_abs} exists; pass --overwrite to replace it')
-  state, meta, step = load_latest_checkpoint(workdir)
-  config = config_from_meta(meta)
+  state, meta, step = checkpointing.load_latest_checkpoint(workdir)
+  config = checkpointing.config_from_meta(meta)
   variables = {'params': state['params'], 'batch_stats': state['batch_stats']}
   common = {
       'source_workdir': os.path.abspath(workdir), 'source_step': int(step),
@@ -180,7 +148,7 @@ def _load_orbax(path: str) -> dict:
     metadata = checkpointer.metadata(path)
     tree = metadata.item_metadata if hasattr(metadata, 'item_metadata') else metadata
     tree = tree.tree if hasattr(tree, 'tree') else tree
-    variables = checkpointer.restore(path, _abstract_on_one_device(tree))
+    variables = checkpointer.restore(path, checkpointing.abstract_on_one_device(tree))
   return jax.tree.map(np.asarray, variables)
 
 

@@ -21,6 +21,7 @@ import pytest
 import helpers
 import pretrain_run
 from cromss_jax import constants
+from cromss_jax import checkpointing
 from cromss_jax import exports
 from cromss_jax import models
 
@@ -34,7 +35,7 @@ def exported(tmp_path_factory, request):
                          out.parent / 'export.log')
   rc = proc.wait()
   assert rc == 0, proc.tail()
-  state, meta, step = exports.load_latest_checkpoint(shared['a_workdir'])
+  state, meta, step = checkpointing.load_latest_checkpoint(shared['a_workdir'])
   return {'out': out, 'stdout': proc.text, 'state': state, 'meta': meta, 'step': step,
           'init': shared['init'], 'workdir': shared['a_workdir'],
           'variables': {'params': state['params'], 'batch_stats': state['batch_stats']}}
@@ -99,7 +100,7 @@ def test_load_exported_model_is_the_whole_checkpoint_network(exported):
 
 
 def test_exported_s2_encoder_in_a_fresh_model_reproduces_the_features(exported):
-  config = exports.config_from_meta(exported['meta'])
+  config = checkpointing.config_from_meta(exported['meta'])
   model = models.build_pretrain_model(config.model, config.objective.num_classes,
                                       config.data.s2_bands)
   s2 = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 64, 64, 13)), jnp.float32)

@@ -26,6 +26,7 @@ import torch_reference as ref
 from configs import transfer as transfer_config
 from cromss_jax import cli
 from cromss_jax import constants
+from cromss_jax import checkpointing
 from cromss_jax import exports
 from cromss_jax import models
 from cromss_jax import torch_weights
@@ -205,7 +206,7 @@ def test_imported_cromss_checkpoint_gives_the_pytorch_logits(tmp_path, depth, fu
   assert len(meta['source_sha256']) == 64 and meta['source_sha256'] == torch_weights.sha256_of(
       ckpt)
   assert meta['s2']['bands'] == exports.band_metadata('s2', bands)['bands']
-  config = exports.config_from_meta({'config': json.dumps(meta['config'])})
+  config = checkpointing.config_from_meta({'config': json.dumps(meta['config'])})
   model = models.build_pretrain_model(config.model, meta['num_classes'], config.data.s2_bands)
 
   g = torch.Generator().manual_seed(5)

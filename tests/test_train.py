@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import pytest
 
-from cromss_jax import exports
+from cromss_jax import checkpointing
 from cromss_jax import train
 from cromss_jax.tasks import pretrain
 from cromss_jax.train import state as state_lib
@@ -264,8 +264,8 @@ def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_
   runs.append(f'run 4: resumed at {stopped}, finished')
   print('\n'.join(runs))
 
-  b_state, b_meta, b_step = exports.load_latest_checkpoint(str(workdir))
-  a_state, a_meta, a_step = exports.load_latest_checkpoint(shared['a_workdir'])
+  b_state, b_meta, b_step = checkpointing.load_latest_checkpoint(str(workdir))
+  a_state, a_meta, a_step = checkpointing.load_latest_checkpoint(shared['a_workdir'])
   assert b_step == a_step == TOTAL_STEPS
   assert_trees_equal(b_state, a_state, 'killed/resumed run vs run A')   # bitwise
   assert b_meta['history'] == a_meta['history']
@@ -356,5 +356,5 @@ def test_export_reads_checkpoint_of_multiprocess_run(shared, tmp_path):
   mp = shared.get('mp')
   assert mp is not None, 'the two-process run was not started'
   assert all(proc.wait() == 0 for proc in mp['procs']), 'the two-process run failed'
-  state, _, step = exports.load_latest_checkpoint(mp['workdir'])
+  state, _, step = checkpointing.load_latest_checkpoint(mp['workdir'])
   assert step == 2 and 'params' in state

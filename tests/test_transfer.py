@@ -19,6 +19,7 @@ import tensorflow_datasets as tfds
 from configs import transfer as transfer_config
 from cromss_jax import constants
 from cromss_jax import losses
+from cromss_jax import checkpointing
 from cromss_jax import exports
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import train
@@ -335,7 +336,7 @@ def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monk
   assert history[-1]['miou'] == pytest.approx(scores['miou'], abs=1e-6)
 
   # Through the real loop: the frozen encoder is still exactly the exported one.
-  state, _, _ = exports.load_latest_checkpoint(workdir)
+  state, _, _ = checkpointing.load_latest_checkpoint(workdir)
   for collection in ('params', 'batch_stats'):
     got = flax.traverse_util.flatten_dict(state[collection]['encoder'])
     want = flax.traverse_util.flatten_dict(exported[collection])
