@@ -270,6 +270,15 @@ def _check_rules(config: ml_collections.ConfigDict, prefix: str = '') -> None:
         raise ConfigError(f'config.{path}={value!r} is not allowed; expected {allowed}.')
 
 
+def validate_keys(config: ml_collections.ConfigDict, paths: Iterable[str]) -> None:
+  """The rules of just these keys, for library code that may get an unvalidated config."""
+  for path in paths:
+    value = _get(config, path)
+    ok, allowed = RULES[path]
+    if not ok(value):
+      raise ConfigError(f'config.{path}={value!r} is not allowed; expected {allowed}.')
+
+
 def _check_cross_rules(config: ml_collections.ConfigDict) -> None:
   data = config.data
   if data.crop_size > data.tile_size:

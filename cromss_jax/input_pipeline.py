@@ -42,6 +42,7 @@ import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
 
+from cromss_jax import config_validation
 from cromss_jax import constants
 
 Batch = dict[str, np.ndarray]
@@ -312,18 +313,15 @@ def downstream_info(config: ml_collections.ConfigDict, *, process_count: int | N
 # Per-element geometry: every transform is applied identically to images and label maps.
 
 
+_AUGMENT_KEYS = ('data.flip', 'data.rotation', 'data.rotation_prob', 'data.image_interpolation')
+
+
 def _augment_config(config: ml_collections.ConfigDict) -> _Augment:
+  config_validation.validate_keys(config, _AUGMENT_KEYS)   # the validator's rules, also here
   data = config.data
-  rotation = data.rotation
-  if rotation not in ('free', 'rot90', 'none'):
-    raise ValueError(f"config.data.rotation={rotation!r}; expected 'free', 'rot90' or 'none'.")
-  interpolation = data.image_interpolation
-  if interpolation not in ('bilinear', 'nearest'):
-    raise ValueError(f"config.data.image_interpolation={interpolation!r}; expected 'bilinear' "
-                     "or 'nearest'.")
-  return _Augment(crop_size=data.crop_size, flip=bool(data.flip), rotation=rotation,
+  return _Augment(crop_size=data.crop_size, flip=data.flip, rotation=data.rotation,
                   rotation_prob=float(data.rotation_prob),
-                  image_interpolation=interpolation)
+                  image_interpolation=data.image_interpolation)
 
 
 def _reflect(index: tf.Tensor, size: int) -> tf.Tensor:

@@ -615,3 +615,18 @@ def test_finite_checks_cover_tuples():
   with pytest.raises(cv.ConfigError, match=r'config\.objective\.smoothing_factors=\(0\.15, inf\) '
                                            'is not allowed; every number must be finite'):
     cv.validate_config(config)
+
+
+def test_the_input_pipeline_applies_the_validators_rotation_rules(datasets):
+  """Library callers that skip validate_config still meet the same rotation rules."""
+  from cromss_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  config = _tiny(datasets['pretrain'])
+  config.data.rotation = 'diagonal'
+  with pytest.raises(cv.ConfigError, match=r"config\.data\.rotation='diagonal' is not allowed; "
+                                           r"expected one of 'free', 'rot90', 'none'"):
+    ip.create_pretrain_iterator(config, process_index=0, process_count=1)
+  config = _tiny(datasets['dfc'], 'transfer')
+  config.data.image_interpolation = 'cubic'
+  with pytest.raises(cv.ConfigError, match=r"config\.data\.image_interpolation='cubic'"):
+    ip.create_downstream_iterator(config, 'validation', train=True, process_index=0,
+                                  process_count=1)
