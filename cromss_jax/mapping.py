@@ -13,12 +13,14 @@ Inputs, as users have them:
   band descriptions (B1/B01...); or a FOLDER of one file per band (`B01.tif`, `B1.tif`,
   `T32UNU_..._B8A.jp2`, L2A `R10m/..._B02_10m.jp2`; the finest resolution of a band is used) at
   native resolution, each band resampled (bilinear, as the converter) onto the finest band's
-  grid; or a VRT. Values are reflectance x 1e4.
+  grid; or a VRT. Values are reflectance x 1e4; the +1000 DN offset of processing baseline
+  >= 04.00 products is removed when the file declares it (or as `s2_offset` says).
 * S1: VV, VH in dB. On another grid than S2 (CRS, pixel size, extent) it is reprojected onto
   the S2 grid on the fly (GDAL warped VRT, bilinear); it is refused only when it does not
   overlap S2. S2-less S1 transfer models take S1 alone.
 * Rasters without a CRS are refused unless `allow_no_crs` (the map would have no location).
-Bands are normalised exactly as the converters did (constants.normalise_to_uint8, then / 255).
+Bands are normalised exactly as the converters did (constants.normalise_to_uint8, then / 255),
+with the per-band mean and std that the model's export records (else the converters' L1C ones).
 
 The scene is cut into windows of `window` px overlapping by `overlap` px, padded by reflection
 at the borders so every pixel is covered; each window's softmax probabilities are weighted by a
@@ -100,6 +102,9 @@ class Predictor:
   s2_bands: tuple[int, ...] | None   # indices into constants.S2_BANDS, in model order; None: no S2
   uses_s1: bool
   description: str
+  # modality -> (mean, std) per model band, from the model's metadata; else the converters'.
+  normalisation: Mapping[str, tuple[tuple[float, ...], tuple[float, ...]]] = (
+      dataclasses.field(default_factory=dict))
 
   @property
   def primary(self) -> str:
@@ -198,9 +203,24 @@ def _pretrain_predictor(path: str, with_s1: bool, dtype: str | None) -> Predicto
 
   names = tuple(meta.get('classes', constants.DW_CLASSES))[:num_classes]
   mode = 'mean of S1 and S2 branches' if with_s1 else 'S2 branch'
+  expected = {'s2': [constants.S2_BANDS[i] for i in constants.S2_BAND_SUBSETS[s2_bands]],
+              's1': list(constants.S1_BANDS)}
+  normalisation = {}
+  for modality, bands in expected.items():
+    recorded = meta.get(modality) or {}
+    if not recorded.get('mean'):
+      continue
+    if list(recorded.get('bands', bands)) != bands or not (
+        len(recorded['mean']) == len(recorded.get('std', ())) == len(bands)):
+      raise PredictionError(f'{path}.json: {modality} bands {recorded.get("bands")} with '
+                            f'{len(recorded["mean"])} means do not match the network\'s '
+                            f'{bands}.')
+    normalisation[modality] = (tuple(map(float, recorded['mean'])),
+                               tuple(map(float, recorded['std'])))
   return Predictor(
       probs_fn=_jit_probs(apply, variables), class_names=names,
       s2_bands=constants.S2_BAND_SUBSETS[s2_bands], uses_s1=with_s1,
+      normalisation=normalisation,
       description=f'CromSS {config.model.fusion} pretraining model ({config.model.encoder}, '
                   f'{mode}), step {meta.get("source_step")} of {meta.get("source_workdir")}')
 
@@ -342,6 +362,7 @@ class _Part:
   indexes: list[int]
   nodata: float | None
   owned: list[Any]          # datasets to close, last first
+  offsets: tuple[float, ...] = ()   # S2 DN offset per band, removed before normalising
 
 
 class Source:
@@ -355,6 +376,12 @@ class Source:
     self.parts = parts
     self.files = files          # every file read (for the --out check)
     self.notes = notes          # what was done to bring it onto the grid (logged)
+
+  @property
+  def offsets(self) -> np.ndarray:
+    """DN offset of every band (0 where none)."""
+    return np.asarray([o for part in self.parts
+                       for o in (part.offsets or (0.0,) * len(part.indexes))], np.float64)
 
   def close(self) -> None:
     for dataset in [d for part in self.parts for d in reversed(part.owned)] + self.owned:
@@ -406,8 +433,8 @@ def _find_band_files(folder: str) -> dict[int, list[str]]:
   return found
 
 
-def _s2_folder_source(folder: str, subset: tuple[int, ...], allow_no_crs: bool
-                      ) -> tuple[Source, RasterInfo]:
+def _s2_folder_source(folder: str, subset: tuple[int, ...], allow_no_crs: bool,
+                      s2_offset: str | float = 'auto') -> tuple[Source, RasterInfo]:
   found = _find_band_files(folder)
   if not found:
     raise PredictionError(f'S2 folder {folder} holds no band files (B01.tif, B1.tif, '
@@ -436,8 +463,9 @@ def _s2_folder_source(folder: str, subset: tuple[int, ...], allow_no_crs: bool
     for band in subset:
       src = chosen[band]
       info = RasterInfo(src.name, src.height, src.width, 1, src.crs, src.transform, src.nodata)
+      offset = (_dn_offset(src.name, s2_offset),)
       if _same_grid(grid, info):
-        parts.append(_Part(src, [1], src.nodata, []))
+        parts.append(_Part(src, [1], src.nodata, [], offset))
         continue
       if src.crs is None or grid.crs is None:
         raise PredictionError(f'S2 band file {src.name} is not on the grid of '
@@ -445,12 +473,13 @@ def _s2_folder_source(folder: str, subset: tuple[int, ...], allow_no_crs: bool
       if not _overlaps(src, grid):
         raise PredictionError(f'S2 band file {src.name} does not overlap {reference.name}.')
       vrt = _warped(src, grid, S2_RESAMPLING)
-      parts.append(_Part(vrt, [1], vrt.nodata, [vrt]))
+      parts.append(_Part(vrt, [1], vrt.nodata, [vrt], offset))
       resampled.append(constants.S2_BANDS[band])
     notes = [f'S2 from {len(subset)} band files in {folder} on the grid of '
              f'{os.path.basename(reference.name)} ({_describe_grid(grid)})']
     if resampled:
       notes.append(f'bands {", ".join(resampled)} resampled onto it on the fly ({S2_RESAMPLING})')
+    notes += _offset_note(f'S2 folder {folder}', [p.offsets[0] for p in parts], s2_offset)
     used = {id(s) for s in chosen.values()}
     for src in opened:
       if id(src) not in used:
@@ -464,6 +493,29 @@ def _s2_folder_source(folder: str, subset: tuple[int, ...], allow_no_crs: bool
     raise
 
 
+def _dn_offset(path: str, s2_offset: str | float) -> float:
+  """The S2 DN offset to remove: `s2_offset` when a number, else what the file declares
+  (processing baseline >= 04.00 products store reflectance x 1e4 + 1000; see
+  data_prep.common.s2_dn_offset for the tags that say so), 0 when it says nothing."""
+  if str(s2_offset) != 'auto':
+    return float(s2_offset)
+  from data_prep import common  # pylint: disable=g-import-not-at-top
+  try:
+    return float(common.s2_dn_offset(common.read_info(path)))
+  except common.BadInput as err:
+    raise PredictionError(f'S2 file {path}: {err.args[-1]} (pass --s2_offset 0 or 1000 to '
+                          'say which).') from None
+
+
+def _offset_note(what: str, offsets: Sequence[float], s2_offset: str | float) -> list[str]:
+  values = sorted(set(float(o) for o in offsets))
+  if values == [0.0]:
+    return []
+  how = 'as declared by the file' if str(s2_offset) == 'auto' else '--s2_offset'
+  return [f'{what}: DN offset {"/".join(f"{v:g}" for v in values)} removed before '
+          f'normalising ({how})']
+
+
 def _require_crs(info: RasterInfo, what: str, allow_no_crs: bool) -> None:
   if info.crs is None and not allow_no_crs:
     raise PredictionError(f'{what} input {info.path} has no georeferencing (no CRS): the map '
@@ -472,7 +524,8 @@ def _require_crs(info: RasterInfo, what: str, allow_no_crs: bool) -> None:
 
 
 def _file_source(path: str, modality: str, subset: tuple[int, ...], grid: RasterInfo | None,
-                 allow_no_crs: bool) -> tuple[Source, RasterInfo]:
+                 allow_no_crs: bool, s2_offset: str | float = 'auto'
+                 ) -> tuple[Source, RasterInfo]:
   """A single raster (GeoTIFF, VRT, ...) as S2 or S1; on `grid` if given (else its own grid)."""
   what = modality.upper()
   info = raster_info(path, what)
@@ -490,14 +543,15 @@ def _file_source(path: str, modality: str, subset: tuple[int, ...], grid: Raster
       if missing:
         raise _missing_bands_error(path, missing)
       indexes = [layout.index(i) + 1 for i in subset]
-    notes = []
+    offsets = ((_dn_offset(path, s2_offset),) * len(indexes) if modality == 's2' else ())
+    notes = _offset_note(f'S2 file {path}', offsets or (0.0,), s2_offset)
     if grid is None:
       _require_crs(info, what, allow_no_crs)
       grid = info
-      part = _Part(src, indexes, src.nodata, [src])
+      part = _Part(src, indexes, src.nodata, [src], offsets)
     elif _same_grid(grid, info) or (info.crs is None and grid.crs is None and allow_no_crs and (
         info.height, info.width) == (grid.height, grid.width)):
-      part = _Part(src, indexes, src.nodata, [src])
+      part = _Part(src, indexes, src.nodata, [src], offsets)
     else:
       if info.crs is None or grid.crs is None:
         raise PredictionError(f'{path} is not on the grid of {grid.path} ({_describe_grid(info)} '
@@ -507,7 +561,7 @@ def _file_source(path: str, modality: str, subset: tuple[int, ...], grid: Raster
         raise PredictionError(f'{path} ({_describe_grid(info)}) does not overlap {grid.path} '
                               f'({_describe_grid(grid)}).')
       vrt = _warped(src, grid, S1_RESAMPLING if modality == 's1' else S2_RESAMPLING)
-      part = _Part(vrt, indexes, vrt.nodata, [src, vrt])
+      part = _Part(vrt, indexes, vrt.nodata, [src, vrt], offsets)
       notes.append(f'{what} {path} is not on the grid of {grid.path} ({_describe_grid(info)} vs '
                    f'{_describe_grid(grid)}): reprojected onto it on the fly '
                    f'({S1_RESAMPLING if modality == "s1" else S2_RESAMPLING})')
@@ -519,7 +573,8 @@ def _file_source(path: str, modality: str, subset: tuple[int, ...], grid: Raster
 
 
 def open_sources(predictor: Predictor, s2_path: str | None, s1_path: str | None, *,
-                 allow_no_crs: bool = False) -> tuple[dict[str, Source], RasterInfo]:
+                 allow_no_crs: bool = False, s2_offset: str | float = 'auto'
+                 ) -> tuple[dict[str, Source], RasterInfo]:
   """The model's inputs on the output grid (that of its primary input) and that grid."""
   if predictor.s2_bands is not None and not s2_path:
     raise PredictionError(f'{predictor.description} reads Sentinel-2: give --s2.')
@@ -535,9 +590,9 @@ def open_sources(predictor: Predictor, s2_path: str | None, s1_path: str | None,
     if predictor.s2_bands is not None:
       subset = tuple(predictor.s2_bands)
       if os.path.isdir(s2_path):
-        sources['s2'], grid = _s2_folder_source(s2_path, subset, allow_no_crs)
+        sources['s2'], grid = _s2_folder_source(s2_path, subset, allow_no_crs, s2_offset)
       else:
-        sources['s2'], grid = _file_source(s2_path, 's2', subset, None, allow_no_crs)
+        sources['s2'], grid = _file_source(s2_path, 's2', subset, None, allow_no_crs, s2_offset)
     if predictor.uses_s1:
       sources['s1'], grid = _file_source(s1_path, 's1', (), grid, allow_no_crs)
   except BaseException:
@@ -560,21 +615,25 @@ class _Normaliser:
   than the float64 formula; other inputs use the formula.
   """
 
-  def __init__(self, modality: str, subset: tuple[int, ...]):
+  def __init__(self, modality: str, subset: tuple[int, ...], offsets: np.ndarray | None = None,
+               stats: tuple[Sequence[float], Sequence[float]] | None = None):
     self.modality = modality
-    if modality == 's1':
+    if stats is not None:
+      self.mean, self.std = np.asarray(stats[0], np.float64), np.asarray(stats[1], np.float64)
+    elif modality == 's1':
       self.mean, self.std = np.asarray(constants.S1_MEAN), np.asarray(constants.S1_STD)
     else:
       self.mean = np.asarray([constants.S2_MEAN[i] for i in subset])
       self.std = np.asarray([constants.S2_STD[i] for i in subset])
+    self.offsets = (np.zeros(len(self.mean)) if offsets is None or not len(offsets)
+                    else np.asarray(offsets, np.float64))
     self._luts: dict[np.dtype, tuple[np.ndarray, int]] = {}
 
   def _lut(self, dtype: np.dtype) -> tuple[np.ndarray, int]:
     if dtype not in self._luts:
       info = np.iinfo(dtype)
       values = np.arange(info.min, info.max + 1, dtype=np.float64)[:, None]
-      lut, _ = constants.normalise_to_uint8(np.broadcast_to(values, (len(values), len(
-          self.mean))), self.mean, self.std)
+      lut, _ = constants.normalise_to_uint8(values - self.offsets, self.mean, self.std)
       self._luts[dtype] = (np.ascontiguousarray(lut.T), -int(info.min))   # [bands, values]
     return self._luts[dtype]
 
@@ -604,7 +663,8 @@ class _Normaliser:
         index = values[..., band]
         out[..., band] = lut[band][index.astype(np.int32) + offset if offset else index]
       return out
-    out, _ = constants.normalise_to_uint8(values, self.mean, self.std)
+    out, _ = constants.normalise_to_uint8(values - self.offsets if self.offsets.any() else values,
+                                          self.mean, self.std)
     return out
 
 
@@ -732,7 +792,9 @@ def blended_blocks(predictor: Predictor, sources: Mapping[str, Source], height: 
   stats = stats if stats is not None else {}
   stats.setdefault('computed', 0)
   stats.setdefault('skipped', 0)
-  normalisers = {m: _Normaliser(m, tuple(predictor.s2_bands or ())) for m in sources}
+  normalisers = {m: _Normaliser(m, tuple(predictor.s2_bands or ()), source.offsets,
+                                predictor.normalisation.get(m))
+                 for m, source in sources.items()}
   w1 = taper(grid.window, grid.window - grid.stride)
   weights = np.outer(w1, w1)
   for x0, x1 in column_blocks(width, block_width):
@@ -1020,14 +1082,15 @@ def _temporary(path: str, tag: str) -> str:
 def predict_scene(predictor: Predictor, out_path: str, *, s2_path: str | None = None,
                   s1_path: str | None = None, window: int = 256, overlap: int = 64,
                   batch: int = 16, confidence: bool = False, progress: bool = True,
-                  allow_no_crs: bool = False, block_width: int = BLOCK_WIDTH
-                  ) -> dict[str, object]:
+                  allow_no_crs: bool = False, s2_offset: str | float = 'auto',
+                  block_width: int = BLOCK_WIDTH) -> dict[str, object]:
   """Classifies a whole scene, streaming, and writes the COG and its legend; returns a summary."""
-  check_arguments(window, overlap, batch)
+  check_arguments(window, overlap, batch, s2_offset)
   check_output(out_path, [s2_path, s1_path])
   import rasterio  # pylint: disable=g-import-not-at-top
   with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-    sources, grid = open_sources(predictor, s2_path, s1_path, allow_no_crs=allow_no_crs)
+    sources, grid = open_sources(predictor, s2_path, s1_path, allow_no_crs=allow_no_crs,
+                                 s2_offset=s2_offset)
     try:
       check_output(out_path, _input_files(sources, [s2_path, s1_path]))
       return _stream(predictor, sources, grid, out_path, window=window, overlap=overlap,
@@ -1038,7 +1101,8 @@ def predict_scene(predictor: Predictor, out_path: str, *, s2_path: str | None = 
         source.close()
 
 
-def check_arguments(window: int, overlap: int, batch: int) -> None:
+def check_arguments(window: int, overlap: int, batch: int, s2_offset: str | float = 'auto'
+                    ) -> None:
   if window < 32 or window % 32:
     raise PredictionError(f'--window={window} must be a positive multiple of 32 (the encoder '
                           'downsamples 5 times).')
@@ -1046,6 +1110,13 @@ def check_arguments(window: int, overlap: int, batch: int) -> None:
     raise PredictionError(f'--overlap={overlap} must be in [0, --window={window}).')
   if batch < 1:
     raise PredictionError(f'--batch={batch} must be >= 1.')
+  if str(s2_offset) != 'auto':
+    try:
+      ok = math.isfinite(float(s2_offset))
+    except ValueError:
+      ok = False
+    if not ok:
+      raise PredictionError(f'--s2_offset={s2_offset} must be auto or a number of DN (0, 1000).')
 
 
 def _stream(predictor: Predictor, sources: Mapping[str, Source], grid: RasterInfo,

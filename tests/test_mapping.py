@@ -427,3 +427,47 @@ def test_s1_only_model_maps_on_the_s1_grid_with_its_nodata(tmp_path):
     classes = src.read(1)
   assert np.all(classes[:20] == 255) and not np.any(classes[20:] == 255)
   assert summary['nodata_pixels'] == 20 * 90
+
+
+def test_s2_dn_offset_of_baseline_04_products_is_removed(tmp_path):
+  scene = s2_scene(64, 96, seed=9)
+  predictor = toy_predictor(kernel=1)
+  kw = dict(window=64, overlap=0, batch=2, progress=False)
+
+  def classes(path, **extra):
+    out = str(tmp_path / f'map_{len(os.listdir(tmp_path))}.tif')
+    mapping.predict_scene(predictor, out, s2_path=path, **kw, **extra)
+    with rasterio.open(out) as src:
+      return src.read(1)
+
+  reference = classes(_stack(tmp_path, scene))
+  shifted = np.where(scene > 0, scene + 1000, 0).astype(np.uint16)   # nodata stays 0
+  tagged = _stack(tmp_path, shifted, name='tagged.tif')
+  with rasterio.open(tagged, 'r+') as dst:
+    dst.update_tags(BOA_ADD_OFFSET='-1000')
+  np.testing.assert_array_equal(classes(tagged), reference)          # auto: declared
+  plain = _stack(tmp_path, shifted, name='untagged.tif')
+  assert np.mean(classes(plain) == reference) < 0.95                 # auto: nothing declared
+  np.testing.assert_array_equal(classes(plain, s2_offset=1000), reference)
+  with pytest.raises(mapping.PredictionError, match='--s2_offset=x'):
+    classes(plain, s2_offset='x')
+
+
+def test_normalisation_recorded_with_the_model_is_used(tmp_path):
+  import dataclasses
+  scene = s2_scene(64, 96, seed=10)
+  s2 = _stack(tmp_path, scene)
+  predictor = toy_predictor(kernel=1)
+  kw = dict(s2_path=s2, window=64, overlap=0, batch=2, progress=False)
+
+  def classes(model):
+    out = str(tmp_path / f'map_{len(os.listdir(tmp_path))}.tif')
+    mapping.predict_scene(model, out, **kw)
+    with rasterio.open(out) as src:
+      return src.read(1)
+
+  same = dataclasses.replace(predictor, normalisation={'s2': (constants.S2_MEAN, constants.S2_STD)})
+  np.testing.assert_array_equal(classes(same), classes(predictor))
+  brighter = dataclasses.replace(predictor, normalisation={
+      's2': (tuple(m + 1500 for m in constants.S2_MEAN), constants.S2_STD)})
+  assert np.mean(classes(brighter) == classes(predictor)) < 0.8

@@ -27,6 +27,7 @@ from rasterio.transform import Affine
 from configs import transfer as transfer_config
 from cromss_jax import checkpointing
 from cromss_jax import constants
+from cromss_jax import exports
 from cromss_jax import models
 from cromss_jax import predict
 from cromss_jax.models import decoders
@@ -264,7 +265,8 @@ def _pretrain_export(root) -> str:
     checkpointer.save(path, _random_like(abstract, seed=4))
   with open(path + '.json', 'w') as f:
     json.dump({'kind': 'pretrain_model', 'num_classes': 9, 'classes': list(constants.DW_CLASSES),
-               'config': config.to_dict(), 'source_step': 1, 'source_workdir': 'x'}, f)
+               'config': config.to_dict(), 'source_step': 1, 'source_workdir': 'x',
+               's1': exports.band_metadata('s1', 13), 's2': exports.band_metadata('s2', 13)}, f)
   return os.path.dirname(path)
 
 
@@ -277,6 +279,8 @@ def test_pretrain_export_with_both_sensors(tmp_path):
   s1 = _write_tif(tmp_path / 's1.tif', s1_data)
   predictor = predict.load_predictor(_pretrain_export(str(tmp_path)), with_s1=True)
   assert predictor.uses_s1 and predictor.class_names == constants.DW_CLASSES
+  assert predictor.normalisation == {'s2': (constants.S2_MEAN, constants.S2_STD),
+                                     's1': (constants.S1_MEAN, constants.S1_STD)}
   out = str(tmp_path / 'map.tif')
   summary = predict.predict_scene(predictor, out, s2_path=s2, s1_path=s1, window=64, overlap=0,
                                   batch=2, progress=False)

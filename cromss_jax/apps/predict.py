@@ -3,6 +3,7 @@
   [--window 256] [--overlap 64] [--batch 16]  sliding windows (see `cromss_jax.mapping`)
   [--confidence]                             a second band: round(max probability x 255)
   [--compute_dtype float32|bfloat16]         override the model's compute dtype
+  [--s2_offset auto|0|1000]                  S2 DN offset (baseline >= 04.00 products: 1000)
   [--allow_no_crs]                           map a raster without georeferencing
 
 MODEL: a transfer workdir or a pretraining export (EXPORT or EXPORT/pretrain_model). S2: a
@@ -38,6 +39,10 @@ _CONFIDENCE = flags.DEFINE_bool('confidence', False,
                                 'Add a confidence band (max probability x 255).')
 _COMPUTE_DTYPE = flags.DEFINE_string('compute_dtype', None, 'Override the model\'s compute dtype '
                                      '(float32 | bfloat16); e.g. float32 on CPUs.')
+_S2_OFFSET = flags.DEFINE_string('s2_offset', 'auto', 'DN offset removed from S2 before '
+                                 'normalising: auto (what the file declares: BOA/RADIO_ADD_OFFSET'
+                                 ', a band offset, PROCESSING_BASELINE >= 04.00 -> 1000; else 0), '
+                                 'or a number (0, 1000).')
 _ALLOW_NO_CRS = flags.DEFINE_bool('allow_no_crs', False, 'Accept inputs without georeferencing '
                                   '(the map then has no CRS either).')
 
@@ -48,7 +53,7 @@ def main(argv: Sequence[str]) -> None:
   if not _MODEL.value or not _OUT.value:
     raise cli.UserError('--model and --out are required')
   # Everything that needs no model first: a bad argument costs no model loading.
-  mapping.check_arguments(_WINDOW.value, _OVERLAP.value, _BATCH.value)
+  mapping.check_arguments(_WINDOW.value, _OVERLAP.value, _BATCH.value, _S2_OFFSET.value)
   for what, path in (('S2', _S2.value), ('S1', _S1.value)):
     if path and not (os.path.exists(path)):
       raise mapping.PredictionError(f'{what} input {path} does not exist.')
@@ -58,7 +63,7 @@ def main(argv: Sequence[str]) -> None:
   summary = mapping.predict_scene(
       predictor, _OUT.value, s2_path=_S2.value, s1_path=_S1.value, window=_WINDOW.value,
       overlap=_OVERLAP.value, batch=_BATCH.value, confidence=_CONFIDENCE.value,
-      allow_no_crs=_ALLOW_NO_CRS.value)
+      allow_no_crs=_ALLOW_NO_CRS.value, s2_offset=_S2_OFFSET.value)
   print(json.dumps(summary, indent=1))
 
 
