@@ -12,34 +12,61 @@ Output directory DIR, loadable with `tfds.builder_from_directory(DIR)` once comp
   DIR/conversion_summary.json                     counts per split: converted, skipped, ...
   DIR/rejects.csv                                 `location,file,reason` per skipped item
   DIR/.conversion_state/plan.json                 arguments + shard plan, checked on resume
+  DIR/.conversion_state/outputs.json              every file name above, recorded BEFORE it
+                                                  is written: the only files ever deleted
   DIR/.conversion_state/<split>-<i:05d>.json      done-marker of one finished shard
+  DIR/.conversion_state/<split>-<i:05d>.inputs.json.gz  size + mtime of every file (or folder)
+                                                  the shard's items read, absent ones included
 
 A shard is written under a temporary name and `os.replace`d; its marker is written (atomically)
 only afterwards, so a shard counts as done only when both are there and agree in size. Re-running
-the same command skips done shards; different arguments are refused unless `--overwrite`.
+the same command skips done shards, except those whose recorded inputs changed (size or mtime,
+or a missing file that appeared): these are rebuilt, so fixing a rejected input and re-running
+converts it. Different arguments are refused unless `--overwrite`, which deletes only the files
+the earlier conversion recorded; names this conversion would write that exist unrecorded (e.g.
+another dataset's dataset_info.json) are refused even with `--overwrite`.
+
+Workers are processes (spawn) with one pipe each. A worker that dies (kill -9, the OOM killer) is
+noticed at once: its shard is rebuilt on a fresh worker up to `--max-retries` times, then given
+up; the run finishes the other shards and exits with `error: ...` naming the shard (a rerun
+retries only what is missing). Workers dying before they are ready stop the run after 3 in a row.
 
 Rejected items never stop a run (unless `--strict`): the reason is a `kind: detail` string,
-e.g. `size_mismatch: 100x100 px, expected 264x264`.
+e.g. `size_mismatch: 100x100 px, expected 264x264`. Paths are reported as UTF-8: bytes of a
+file name that are not UTF-8 appear as `\\xNN` (e.g. `caf\\xe9`) in rejects.csv and messages.
+
+Errors a user can fix (bad arguments, an --out that cannot be created, a non-UTF-8 manifest,
+`--strict` on a bad input, every item rejected) are `ConversionError`, a
+`cromss_jax.cli.UserError`: `python -m data_prep.<converter>` prints one line `error: ...` and
+exits with status 1 (`main(argv)` raises `SystemExit('error: ...')` instead).
 """
 from __future__ import annotations
 
 import abc
 import argparse
 import collections
+import concurrent.futures
+import contextlib
 import csv
 import dataclasses
+import gzip
 import hashlib
+import io
 import json
 import math
 import multiprocessing
 import os
 import re
-import shutil
+import signal
 import time
+import traceback
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import logging
 import numpy as np
+
+from cromss_jax import cli
+from cromss_jax import utils
 
 STATE_DIR = '.conversion_state'
 SUMMARY_FILE = 'conversion_summary.json'
@@ -61,7 +88,7 @@ class BadInput(Exception):
     return f'{self.path}: {self.reason}'
 
 
-class ConversionError(RuntimeError):
+class ConversionError(cli.UserError, RuntimeError):
   """The run cannot start or finish as asked (bad arguments, foreign output directory)."""
 
 
@@ -114,6 +141,7 @@ def read_info(path: str) -> RasterInfo:
   """The georeferencing and metadata of a file, without reading its pixels."""
   import rasterio  # pylint: disable=g-import-not-at-top
 
+  note_input(path)  # For the rerun check of data_prep.common (changed inputs).
   if not os.path.isfile(path):
     raise BadInput(path, 'missing_file: file does not exist')
   try:
@@ -135,6 +163,7 @@ def read_raster(path: str, *, count: int, native_shape: tuple[int, int] | None =
   import rasterio  # pylint: disable=g-import-not-at-top
   from rasterio.enums import Resampling  # pylint: disable=g-import-not-at-top
 
+  note_input(path)  # For the rerun check of data_prep.common (changed inputs).
   if not os.path.isfile(path):
     raise BadInput(path, 'missing_file: file does not exist')
   try:
@@ -397,7 +426,11 @@ class Converter(abc.ABC):
 
   @abc.abstractmethod
   def convert(self, item: Any) -> tuple[dict[str, Any], dict[str, int]]:
-    """Returns (example, counters such as non-finite values); raises BadInput when unusable."""
+    """Returns (example, counters such as non-finite values); raises BadInput when unusable.
+
+    Every file it reads must go through `read_raster`/`read_info` or be passed to `note_input`,
+    so that a rerun notices when that file changed.
+    """
 
   @abc.abstractmethod
   def item_name(self, item: Any) -> str:
@@ -439,17 +472,124 @@ def _jsonable(item: Any) -> Any:
   return list(item) if isinstance(item, tuple) else item
 
 
+def printable(text: Any) -> str:
+  """`text` as valid UTF-8 for reports and messages: undecodable bytes become `\\xNN`.
+
+  A path from the file system may hold bytes that are not UTF-8 (Python keeps them as lone
+  surrogates); written as they are, they would make rejects.csv or a message unencodable.
+  """
+  text = str(text)
+  try:
+    raw = text.encode('utf-8', 'surrogateescape')
+  except UnicodeEncodeError:  # Surrogates that do not come from undecodable bytes.
+    return text.encode('utf-8', 'backslashreplace').decode('utf-8')
+  return raw.decode('utf-8', 'backslashreplace')
+
+
+def _printable_tree(obj: Any) -> Any:
+  if isinstance(obj, str):
+    return printable(obj)
+  if isinstance(obj, Mapping):
+    return {printable(k): _printable_tree(v) for k, v in obj.items()}
+  if isinstance(obj, (list, tuple)):
+    return [_printable_tree(v) for v in obj]
+  return obj
+
+
+def _shard_description(converter: Converter, task: ShardTask) -> str:
+  first, last = converter.item_name(task.items[0]), converter.item_name(task.items[-1])
+  items = first if len(task.items) == 1 else f'{first} .. {last}'
+  return f'shard {task.key} ({len(task.items)} {converter.unit}: {printable(items)})'
+
+
 def _atomic_write_text(path: str, text: str) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    f.write(text)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  utils.write_text(path, text)
 
 
 def _atomic_write_json(path: str, obj: Any) -> None:
-  _atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=True) + '\n')
+  utils.write_json(path, obj)
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs read per item: recorded so that a rerun rebuilds the shards whose files changed.
+
+_RECORDING: dict[str, list[int]] | None = None  # path -> [size, mtime_ns] of the current item.
+_ABSENT = [-1, 0]
+INPUTS_SUFFIX = '.inputs.json.gz'
+
+
+def _stat(path: str) -> list[int]:
+  """[size, mtime_ns] of a file or folder; [-1, 0] when absent (so adding it counts as change)."""
+  try:
+    st = os.stat(path)
+  except (OSError, ValueError):
+    return list(_ABSENT)
+  return [int(st.st_size), int(st.st_mtime_ns)]
+
+
+def note_input(path: str | os.PathLike) -> None:
+  """Records that the item being converted depends on `path` (file or folder, present or not).
+
+  Called by `read_raster`/`read_info`; a converter calls it for any other file or folder it
+  reads (e.g. a listing). Outside a shard build (tests, the TFDS builder) it does nothing.
+  """
+  if _RECORDING is not None and path:
+    _RECORDING.setdefault(os.fspath(path), _stat(os.fspath(path)))
+
+
+def _inputs_path(out_dir: str, key: str) -> str:
+  return os.path.join(out_dir, STATE_DIR, key + INPUTS_SUFFIX)
+
+
+def _write_inputs(out_dir: str, key: str, inputs: Mapping[str, list[int]]) -> str:
+  """The shard's input stats (gzipped JSON: ssl4eo shards read thousands of files)."""
+  blob = gzip.compress(json.dumps(sorted([p, *s] for p, s in inputs.items())).encode(), mtime=0)
+  path = _inputs_path(out_dir, key)
+  with utils.atomic_output(path) as tmp:
+    with open(tmp, 'wb') as f:
+      f.write(blob)
+  return hashlib.sha256(blob).hexdigest()
+
+
+def _read_inputs(out_dir: str, marker: Mapping[str, Any]) -> list[list[Any]] | None:
+  """The recorded [path, size, mtime_ns] rows of a done shard, None when not recorded/intact."""
+  digest = marker.get('inputs_sha256')
+  if not digest:
+    return None
+  try:
+    with open(_inputs_path(out_dir, f'{marker["split"]}-{marker["index"]:05d}'), 'rb') as f:
+      blob = f.read()
+  except OSError:
+    return None
+  if hashlib.sha256(blob).hexdigest() != digest:
+    return None
+  return json.loads(gzip.decompress(blob))
+
+
+def _describe_stat(stat: Sequence[int]) -> str:
+  if list(stat) == _ABSENT:
+    return 'absent'
+  modified = time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(stat[1] / 1e9))
+  return f'{stat[0]} bytes, modified {modified}'
+
+
+def _changed_shards(out_dir: str, markers: Mapping[str, dict[str, Any]]) -> dict[str, str]:
+  """key -> what changed, for done shards whose recorded inputs differ now (size or mtime)."""
+  recorded = {key: _read_inputs(out_dir, m) for key, m in markers.items()}
+  missing = sorted(k for k, rows in recorded.items() if rows is None)
+  if missing:
+    logging.warning('%d done shard(s) have no record of the files they read (e.g. %s, written '
+                    'by an older converter or damaged): they are kept without a check; pass '
+                    '--overwrite to rebuild everything.', len(missing), missing[0])
+  rows = [(key, row) for key, rs in recorded.items() if rs for row in rs]
+  with concurrent.futures.ThreadPoolExecutor(16) as pool:  # stat() is I/O-bound (network FS).
+    now = list(pool.map(lambda kr: _stat(kr[1][0]), rows))
+  changed: dict[str, str] = {}
+  for (key, (path, *old)), new in zip(rows, now):
+    if key not in changed and list(old) != new:
+      changed[key] = (f'{printable(path)}: {_describe_stat(old)} when converted, '
+                      f'{_describe_stat(new)} now')
+  return changed
 
 
 # ---------------------------------------------------------------------------------------------
@@ -458,21 +598,29 @@ def _atomic_write_json(path: str, obj: Any) -> None:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(converter: Converter, out_dir: str, strict: bool, counter: Any) -> None:
-  """Pool initializer: the converter (with e.g. a label manifest) crosses once per process."""
+def _init_worker(converter: Converter, out_dir: str, strict: bool,
+                 tick: Callable[[], None]) -> None:
+  """Worker set-up: the converter (with e.g. a label manifest) crosses once per process."""
   os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
   _WORKER.clear()
-  _WORKER.update(converter=converter, out_dir=out_dir, strict=strict, counter=counter,
+  _WORKER.update(converter=converter, out_dir=out_dir, strict=strict, tick=tick,
                  features=converter.features())
 
 
-def _tick() -> None:
-  counter = _WORKER['counter']
-  if callable(counter):
-    counter()
-  else:
-    with counter.get_lock():
-      counter.value += 1
+def _convert_recorded(converter: Converter, item: Any) -> tuple[Any, dict[str, list[int]]]:
+  """converter.convert(item) -> (its result or the exception it raised, the inputs it read)."""
+  global _RECORDING
+  _RECORDING = {}
+  try:
+    try:
+      return converter.convert(item), _RECORDING
+    except BadInput as err:
+      note_input(err.path)  # A missing folder or file: adding it later is a change.
+      return err, _RECORDING
+    except Exception as err:  # pylint: disable=broad-except
+      return err, _RECORDING
+  finally:
+    _RECORDING = None
 
 
 def _build_shard(task: ShardTask) -> dict[str, Any]:
@@ -486,13 +634,18 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
   state_dir = os.path.join(out_dir, STATE_DIR)
   filename = shard_filename(converter.name, task.split, task.index, task.num_shards)
   tmp_path = os.path.join(state_dir, f'{filename}.tmp-{os.getpid()}')
-  rejects, counters, converted = [], collections.Counter(), 0
+  rejects, counters, converted, inputs = [], collections.Counter(), 0, {}
   # Skipping the sibling-directory listing makes each open cheaper on big/network folders.
   with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN='EMPTY_DIR'), \
-      tf.io.TFRecordWriter(tmp_path) as writer:
+      tf.io.TFRecordWriter(os.fsencode(tmp_path)) as writer:
     for item in task.items:
+      name = printable(converter.item_name(item))
       try:
-        example, item_counters = converter.convert(item)
+        result, item_inputs = _convert_recorded(converter, item)
+        inputs.update(item_inputs)
+        if isinstance(result, Exception):
+          raise result
+        example, item_counters = result
         # Re-serialised with sorted map keys: bytes independent of the process's hash seed,
         # so a resumed shard is identical to the one an uninterrupted run writes.
         writer.write(tf.train.Example.FromString(features.serialize_example(example))
@@ -502,27 +655,64 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
       except BadInput as err:
         if _WORKER['strict']:
           raise
-        rejects.append([converter.item_name(item), err.path, err.reason])
+        rejects.append([name, printable(err.path), printable(err.reason)])
       except Exception as err:  # pylint: disable=broad-except
         if _WORKER['strict']:
           raise
-        logging.exception('Unexpected error on %s', converter.item_name(item))
-        rejects.append([converter.item_name(item), '',
-                        f'unexpected_error: {type(err).__name__}: {err}'])
-      _tick()
+        logging.exception('Unexpected error on %s', name)
+        rejects.append([name, '', printable(f'unexpected_error: {type(err).__name__}: {err}')])
+      _WORKER['tick']()
   with open(tmp_path, 'rb') as f:
     os.fsync(f.fileno())
   os.replace(tmp_path, os.path.join(out_dir, filename))
   marker = {'split': task.split, 'index': task.index, 'num_shards': task.num_shards,
             'file': filename, 'planned': len(task.items), 'num_examples': converted,
             'num_bytes': os.path.getsize(os.path.join(out_dir, filename)),
-            'rejects': rejects, 'counters': dict(counters)}
+            'rejects': rejects, 'counters': dict(counters),
+            'inputs_sha256': _write_inputs(out_dir, task.key, inputs)}
   _atomic_write_json(os.path.join(state_dir, task.key + '.json'), marker)
   return marker
 
 
+def _worker_main(conn: Any, converter: Converter, out_dir: str, strict: bool) -> None:
+  """A pool process: builds the shards it is sent over `conn`, reporting each result.
+
+  One pipe per worker (no shared queue or lock), so a worker killed at any moment cannot leave
+  anything locked: the driver sees its pipe close and its process end.
+  """
+  try:
+    _init_worker(converter, out_dir, strict, lambda: conn.send(('tick',)))
+  except BaseException as err:  # pylint: disable=broad-except
+    conn.send(('start_failed', printable(f'{type(err).__name__}: {err}'),
+               traceback.format_exc()))
+    return
+  conn.send(('ready',))
+  while True:
+    try:
+      task = conn.recv()
+    except (EOFError, OSError):  # The driver is gone.
+      return
+    if task is None:
+      return
+    try:
+      conn.send(('done', _build_shard(task)))
+    except BadInput as err:
+      conn.send(('bad_input', err.path, err.reason))
+    except OSError as err:
+      conn.send(('os_error', printable(_os_error_text(err)), traceback.format_exc()))
+    except Exception as err:  # pylint: disable=broad-except
+      conn.send(('failed', printable(f'{type(err).__name__}: {err}'), traceback.format_exc()))
+
+
+def _os_error_text(err: OSError) -> str:
+  text = err.strerror or str(err)
+  return f'{err.filename}: {text}' if err.filename else text
+
+
 # ---------------------------------------------------------------------------------------------
 # Driver side.
+
+MAX_START_FAILURES = 3  # Worker processes dying before they are ready, in a row: then stop.
 
 
 def _load_done_marker(out_dir: str, task: ShardTask, name: str) -> dict[str, Any] | None:
@@ -540,16 +730,46 @@ def _load_done_marker(out_dir: str, task: ShardTask, name: str) -> dict[str, Any
   return marker
 
 
-def _own_output_files(out_dir: str, name: str) -> list[str]:
-  shard_re = re.compile(re.escape(name) + r'-[\w]+\.tfrecord-\d{5}-of-\d{5}$')
-  return [f for f in os.listdir(out_dir)
-          if shard_re.match(f) or f in METADATA_FILES or f in (SUMMARY_FILE, REJECTS_FILE)]
+OUTPUTS_FILE = 'outputs.json'  # In STATE_DIR: every top-level file a conversion here may write.
+_STATE_FILE_RE = re.compile(r'(plan|outputs)\.json$|[\w]+-\d{5}(\.json|'
+                            + re.escape(INPUTS_SUFFIX) + r')$|.*\.tmp(-\d+)?$')
 
 
-def _remove_outputs(out_dir: str, name: str) -> None:
-  for f in _own_output_files(out_dir, name):
-    os.remove(os.path.join(out_dir, f))
-  shutil.rmtree(os.path.join(out_dir, STATE_DIR), ignore_errors=True)
+def _planned_outputs(plan: Mapping[str, Any]) -> list[str]:
+  shards = [shard_filename(plan['dataset'], s['split'], s['index'], s['num_shards'])
+            for s in plan.get('shards', ())]
+  return shards + list(METADATA_FILES) + [SUMMARY_FILE, REJECTS_FILE]
+
+
+def _recorded_outputs(state_dir: str, old_plan: Mapping[str, Any] | None) -> set[str]:
+  """The files an earlier conversion in this folder recorded (before writing them)."""
+  try:
+    with open(os.path.join(state_dir, OUTPUTS_FILE)) as f:
+      return set(json.load(f)['files'])
+  except (OSError, ValueError, KeyError, TypeError):
+    pass
+  # A state of an older converter, without the record: it wrote the files its plan names.
+  return set(_planned_outputs(old_plan)) if old_plan else set()
+
+
+def _remove_recorded(out_dir: str, recorded: set[str]) -> None:
+  """Deletes only what a conversion recorded writing (and its state), nothing else."""
+  for name in sorted(recorded):
+    path = os.path.join(out_dir, name)
+    if os.path.isfile(path) or os.path.islink(path):
+      os.remove(path)
+  names = '|'.join(map(re.escape, sorted(recorded))) or '-'
+  tmp_re = re.compile(rf'\.({names})\.\d+\.[0-9a-f]{{8}}\.tmp$')
+  for name in os.listdir(out_dir):
+    if tmp_re.match(name):  # Leftovers of atomic writes killed midway.
+      os.remove(os.path.join(out_dir, name))
+  state_dir = os.path.join(out_dir, STATE_DIR)
+  if os.path.isdir(state_dir):
+    for name in os.listdir(state_dir):
+      if _STATE_FILE_RE.match(name):
+        os.remove(os.path.join(state_dir, name))
+    with contextlib.suppress(OSError):  # Not empty: something of the user's is in there.
+      os.rmdir(state_dir)
 
 
 def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
@@ -559,80 +779,258 @@ def _describe_difference(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
   diffs = [f'{k}: {old_fp.get(k)!r} -> {new_fp.get(k)!r}'
            for k in sorted(set(old_fp) | set(new_fp)) if old_fp.get(k) != new_fp.get(k)]
   if diffs:
-    return '; '.join(diffs)
+    return printable('; '.join(diffs))
   return (f'the input item list changed ({old.get("num_items")} items in '
           f'{len(old.get("shards", []))} shards before, {new["num_items"]} in '
           f'{len(new["shards"])} now)')
 
 
+def _make_out_dir(out_dir: str) -> None:
+  try:
+    out_dir.encode('utf-8')
+  except UnicodeEncodeError:
+    raise ConversionError(f'--out {printable(out_dir)}: the output path must be valid UTF-8 '
+                          '(TensorFlow Datasets cannot read other paths)') from None
+  try:
+    os.makedirs(out_dir, exist_ok=True)
+  except OSError as err:
+    reason = ('a file of that name exists' if isinstance(err, FileExistsError)
+              else err.strerror or str(err))
+    raise ConversionError(f'cannot create --out {printable(out_dir)}: {reason}') from None
+  if not os.access(out_dir, os.W_OK | os.X_OK):
+    raise ConversionError(f'cannot write into --out {printable(out_dir)}: permission denied')
+
+
 def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: bool) -> None:
-  """Creates the state, or checks that the recorded one belongs to the same command."""
+  """Creates the state, or checks that the recorded one belongs to the same command.
+
+  Only files that a conversion recorded (in STATE_DIR/outputs.json, before writing them) are
+  ever deleted or replaced: a folder holding anything else under the names this conversion
+  would write (e.g. another TFDS dataset's dataset_info.json) is refused, even with --overwrite.
+  """
+  del name  # The plan names the dataset.
   state_dir = os.path.join(out_dir, STATE_DIR)
   plan_path = os.path.join(state_dir, 'plan.json')
-  os.makedirs(out_dir, exist_ok=True)
+  _make_out_dir(out_dir)
   old = None
   if os.path.exists(plan_path):
-    with open(plan_path) as f:
-      old = json.load(f)
-  if overwrite:
-    if old is not None or _own_output_files(out_dir, name):
-      logging.warning('--overwrite: discarding the earlier conversion in %s', out_dir)
-    if old is not None and old.get('dataset') != name:
-      _remove_outputs(out_dir, old.get('dataset'))
-    _remove_outputs(out_dir, name)
+    try:
+      with open(plan_path) as f:
+        old = json.load(f)
+    except (OSError, ValueError) as err:
+      if not overwrite:
+        raise ConversionError(f'{printable(plan_path)} is unreadable ({err}); pass --overwrite '
+                              'to discard the earlier conversion and start over') from None
+      old = {}
+  recorded = _recorded_outputs(state_dir, old)
+  if overwrite and (old is not None or recorded):
+    logging.warning('--overwrite: discarding the earlier conversion in %s', printable(out_dir))
+    _remove_recorded(out_dir, recorded)
+    old, recorded = None, set()
   elif old is not None and old != plan:
     raise ConversionError(
-        f'{out_dir} holds a conversion made with other arguments or inputs '
+        f'{printable(out_dir)} holds a conversion made with other arguments or inputs '
         f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
         'or pass --overwrite to discard it and start over.')
-  elif old is None and _own_output_files(out_dir, name):
+  planned = _planned_outputs(plan)
+  foreign = [f for f in planned if f not in recorded and os.path.lexists(os.path.join(out_dir, f))]
+  if foreign:
+    shown = ', '.join(foreign[:4]) + (f' and {len(foreign) - 4} more' if len(foreign) > 4 else '')
     raise ConversionError(
-        f'{out_dir} already holds dataset files but no conversion state; '
-        'pass --overwrite to replace them, or choose another --out.')
+        f'{printable(out_dir)} already holds {shown}, not written by a conversion recorded there '
+        '(another dataset?); they are never replaced, also not with --overwrite: choose another '
+        '--out, or move them away yourself.')
   os.makedirs(state_dir, exist_ok=True)
   for f in os.listdir(state_dir):  # Leftovers of a killed run.
-    if '.tmp-' in f:
+    if '.tmp' in f and _STATE_FILE_RE.match(f):
       os.remove(os.path.join(state_dir, f))
+  outputs = sorted(recorded | set(planned))
+  if outputs != sorted(recorded) or not os.path.exists(os.path.join(state_dir, OUTPUTS_FILE)):
+    _atomic_write_json(os.path.join(state_dir, OUTPUTS_FILE), {'files': outputs})  # Before any.
   if not os.path.exists(plan_path):
     _atomic_write_json(plan_path, plan)
 
 
+@dataclasses.dataclass
+class _Worker:
+  process: Any
+  conn: Any
+  ready: bool = False
+  task: ShardTask | None = None
+  ticks: int = 0
+  error: str = ''  # What it reported when it could not start.
+  stopping: bool = False
+
+
+def _exit_description(process: Any) -> str:
+  code = process.exitcode
+  if code is not None and code < 0:
+    try:
+      name = signal.Signals(-code).name
+    except ValueError:
+      name = f'signal {-code}'
+    hint = ' (the kernel\'s out-of-memory killer sends SIGKILL)' if -code == signal.SIGKILL else ''
+    return f'was killed by {name}{hint}'
+  return f'exited with status {code}'
+
+
+class _Pool:
+  """Worker processes, one pipe each, that notice a dead worker (kill -9, OOM) at once.
+
+  multiprocessing.Pool silently replaces a dead worker and waits forever for its task; here
+  the task is retried on a fresh worker up to `max_retries` times, then given up (the run
+  finishes the other shards and stops with a message), and workers that die before they are
+  ready stop the run after MAX_START_FAILURES in a row.
+  """
+
+  def __init__(self, converter: Converter, out_dir: str, strict: bool, size: int):
+    self._ctx = multiprocessing.get_context('spawn')
+    self._args = (converter, out_dir, strict)
+    self._out_dir = out_dir
+    self.size = size
+    self.workers: list[_Worker] = []
+    self.start_failures = 0
+
+  def spawn(self) -> None:
+    parent, child = self._ctx.Pipe()
+    process = self._ctx.Process(target=_worker_main, args=(child, *self._args), daemon=True,
+                                name=f'convert-worker-{len(self.workers)}')
+    process.start()
+    child.close()
+    self.workers.append(_Worker(process, parent))
+
+  def close(self, force: bool) -> None:
+    for w in self.workers:
+      if not force and w.process.is_alive():
+        with contextlib.suppress(OSError, ValueError):
+          w.conn.send(None)
+      elif w.process.is_alive():
+        w.process.terminate()
+    for w in self.workers:
+      w.process.join(timeout=10)
+      if w.process.is_alive():
+        w.process.kill()
+        w.process.join(timeout=10)
+      w.conn.close()
+    self.workers = []
+
+  def remove_temporaries(self, pid: int) -> None:
+    state_dir = os.path.join(self._out_dir, STATE_DIR)
+    with contextlib.suppress(OSError):
+      for f in os.listdir(state_dir):
+        if f.endswith(f'.tmp-{pid}'):
+          os.remove(os.path.join(state_dir, f))
+
+
+def _run_pool(converter: Converter, out_dir: str, todo: list[ShardTask], workers: int,
+              strict: bool, max_retries: int, bar: Any) -> tuple[list[dict[str, Any]],
+                                                               dict[str, str]]:
+  """Builds `todo` on `workers` processes; returns (markers, given-up shard -> why)."""
+  from multiprocessing import connection  # pylint: disable=g-import-not-at-top
+
+  queue = collections.deque(todo)
+  attempts: collections.Counter = collections.Counter()
+  markers, given_up = [], {}
+  pool = _Pool(converter, out_dir, strict, min(workers, len(todo)))
+  force = True
+  try:
+    for _ in range(pool.size):
+      pool.spawn()
+    while pool.workers:
+      for w in pool.workers:  # Hand out work; send idle workers home when none is left.
+        if w.ready and w.task is None and not w.stopping:
+          if queue:
+            w.task, w.ticks = queue.popleft(), 0
+            w.conn.send(w.task)
+          else:
+            w.stopping = True
+            with contextlib.suppress(OSError):
+              w.conn.send(None)
+      connection.wait([w.conn for w in pool.workers] + [w.process.sentinel for w in pool.workers],
+                      timeout=1.0)
+      for w in list(pool.workers):
+        alive = w.process.is_alive()  # Before draining: a dead worker's messages are all there.
+        try:
+          while w.conn.poll():
+            message = w.conn.recv()
+            kind = message[0]
+            if kind == 'tick':
+              w.ticks += 1
+              bar.update(1)
+            elif kind == 'ready':
+              w.ready, pool.start_failures = True, 0
+            elif kind == 'done':
+              markers.append(message[1])
+              w.task = None
+            elif kind == 'start_failed':
+              w.error = message[1]
+              logging.error('A worker process failed to start:\n%s', message[2])
+            elif kind == 'bad_input':
+              raise BadInput(message[1], message[2])
+            elif kind == 'os_error':
+              raise ConversionError(f'{_shard_description(converter, w.task)}: {message[1]}')
+            else:
+              raise RuntimeError(f'{_shard_description(converter, w.task)} failed in worker '
+                                 f'pid {w.process.pid}: {message[1]}\n{message[2]}')
+        except (EOFError, OSError):
+          alive = False
+        if alive:
+          continue
+        w.process.join(timeout=10)
+        pool.workers.remove(w)
+        w.conn.close()
+        pool.remove_temporaries(w.process.pid)
+        if w.stopping and w.task is None and w.process.exitcode == 0:
+          continue  # Sent home.
+        how = f'worker pid {w.process.pid} {_exit_description(w.process)}'
+        if not w.ready:
+          pool.start_failures += 1
+          detail = f': {w.error}' if w.error else ''
+          logging.warning('A worker process could not start (%s%s).', how, detail)
+          if pool.start_failures >= MAX_START_FAILURES:
+            raise ConversionError(
+                f'worker processes fail to start ({pool.start_failures} in a row; the last '
+                f'{how}{detail}); try --workers 1 to see the problem in the main process')
+        elif w.task is not None:
+          task = w.task
+          bar.update(-w.ticks)  # Its items will be counted again when rebuilt.
+          attempts[task.key] += 1
+          what = _shard_description(converter, task)
+          if attempts[task.key] > max_retries:
+            given_up[task.key] = f'{what}: {how} on each of {attempts[task.key]} attempts'
+            logging.error('Giving up %s: %s on each of %d attempts.', what, how,
+                          attempts[task.key])
+          else:
+            logging.warning('%s: %s; retrying it (attempt %d of %d).', what, how,
+                            attempts[task.key] + 1, max_retries + 1)
+            queue.appendleft(task)
+        busy = sum(1 for x in pool.workers if not x.stopping)
+        if queue and busy < min(pool.size, len(queue) + sum(1 for x in pool.workers if x.task)):
+          pool.spawn()
+    force = False
+  finally:
+    pool.close(force)
+  return markers, given_up
+
+
 def _run_tasks(converter: Converter, out_dir: str, todo: list[ShardTask], workers: int,
-               strict: bool) -> list[dict[str, Any]]:
-  """Builds the shards of `todo`, inline for one worker, else on a spawn-safe process pool."""
+               strict: bool, max_retries: int = 2
+               ) -> tuple[list[dict[str, Any]], dict[str, str]]:
+  """Builds the shards of `todo`, inline for one worker, else on worker processes."""
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
 
   total = sum(len(t.items) for t in todo)
-  markers = []
   if not todo:
-    return markers
+    return [], {}
   with tqdm(total=total, unit=converter.unit, desc=converter.name, dynamic_ncols=True,
             smoothing=0.05) as bar:
     if workers <= 1 or len(todo) <= 1:
       _init_worker(converter, out_dir, strict, lambda: bar.update(1))
       try:
-        for task in todo:
-          markers.append(_build_shard(task))
+        return [_build_shard(task) for task in todo], {}
       finally:
         _WORKER.clear()
-      return markers
-    ctx = multiprocessing.get_context('spawn')
-    counter = ctx.Value('q', 0)
-    with ctx.Pool(min(workers, len(todo)), initializer=_init_worker,
-                  initargs=(converter, out_dir, strict, counter)) as pool:
-      pending = [pool.apply_async(_build_shard, (task,)) for task in todo]
-      while pending:
-        pending[0].wait(0.25)
-        bar.update(counter.value - bar.n)
-        still = []
-        for result in pending:
-          if result.ready():
-            markers.append(result.get())  # Re-raises a worker's error (strict mode).
-          else:
-            still.append(result)
-        pending = still
-      bar.update(counter.value - bar.n)
-  return markers
+    return _run_pool(converter, out_dir, todo, workers, strict, max_retries, bar)
 
 
 def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
@@ -651,19 +1049,19 @@ def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
                   'num_bytes': marker['num_bytes']})
     entry.update(marker['counters'])
     for row in marker['rejects']:
-      rows.append(row)
-      kinds[row[2].split(':', 1)[0]] += 1
-  with open(os.path.join(out_dir, REJECTS_FILE) + '.tmp', 'w', newline='') as f:
-    writer = csv.writer(f)
-    writer.writerow(['location', 'file', 'reason'])
-    writer.writerows(rows)
-  os.replace(os.path.join(out_dir, REJECTS_FILE) + '.tmp', os.path.join(out_dir, REJECTS_FILE))
+      rows.append([printable(v) for v in row])  # Markers of older runs may hold raw paths.
+      kinds[rows[-1][2].split(':', 1)[0]] += 1
+  text = io.StringIO()
+  writer = csv.writer(text)
+  writer.writerow(['location', 'file', 'reason'])
+  writer.writerows(rows)
+  _atomic_write_text(os.path.join(out_dir, REJECTS_FILE), text.getvalue())
   total: collections.Counter = collections.Counter()
   for entry in splits.values():
     total.update(entry)
   summary = {'dataset': converter.name, 'splits': {k: dict(v) for k, v in splits.items()},
              'total': dict(total), 'reject_kinds': dict(sorted(kinds.items())),
-             'arguments': dict(fingerprint), 'this_run': run_info}
+             'arguments': _printable_tree(dict(fingerprint)), 'this_run': run_info}
   _atomic_write_json(os.path.join(out_dir, SUMMARY_FILE), summary)
   return summary
 
@@ -705,12 +1103,16 @@ def _write_metadata(out_dir: str, converter: Converter, tasks: list[ShardTask],
 def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], out_dir: str, *,
                    examples_per_shard: int, workers: int, strict: bool = False,
                    overwrite: bool = False, plan_args: Mapping[str, Any] | None = None,
-                   description: str = '') -> dict[str, Any]:
+                   description: str = '', max_retries: int | None = None) -> dict[str, Any]:
   """Converts `splits` (split -> sorted items) into a TFDS directory; returns the summary.
 
-  Resumable: shards already done (by the same plan) are kept; only the rest is built.
-  `plan_args` are the arguments that shaped `splits` (seed, limit, ...): part of the fingerprint.
+  Resumable: shards already done (by the same plan, from unchanged input files) are kept; only
+  the rest is built. `plan_args` are the arguments that shaped `splits` (seed, limit, ...): part
+  of the fingerprint. `max_retries`: how often a shard whose worker process died is rebuilt
+  (default: the command line's --max-retries, else 2).
   """
+  if max_retries is None:
+    max_retries = _CLI_OPTIONS.get('max_retries', 2)
   if examples_per_shard < 1:
     raise ConversionError('--examples-per-shard must be >= 1')
   splits = {k: [_jsonable(i) for i in v] for k, v in splits.items() if len(v)}
@@ -734,6 +1136,13 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
     marker = _load_done_marker(out_dir, task, converter.name)
     if marker is not None:
       markers[task.key] = marker
+  changed = _changed_shards(out_dir, markers)
+  if changed:
+    first = sorted(changed)[0]
+    logging.warning('%d done shard(s) read files that changed since (e.g. %s: %s): rebuilding '
+                    'them.', len(changed), first, changed[first])
+    for key in changed:
+      del markers[key]
   todo = [t for t in tasks if t.key not in markers]
   if todo:
     for f in METADATA_FILES:  # An incomplete directory must not look loadable.
@@ -747,10 +1156,18 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
                  max(1, min(workers, len(todo))))
   start = time.time()
   todo_items = sum(len(t.items) for t in todo)
-  for marker in _run_tasks(converter, out_dir, todo, workers, strict):
+  built, given_up = _run_tasks(converter, out_dir, todo, workers, strict, max_retries)
+  for marker in built:
     markers[f'{marker["split"]}-{marker["index"]:05d}'] = marker
+  if given_up:
+    reasons = '; '.join(given_up[k] for k in sorted(given_up))
+    raise ConversionError(
+        f'{len(given_up)} of {len(tasks)} shards could not be built: {reasons}. The other '
+        f'shards are done and kept: rerun the same command to retry only these (with fewer '
+        '--workers if memory ran out).')
   seconds = time.time() - start
   run_info = {'shards_built': len(todo), 'shards_reused': len(tasks) - len(todo),
+              'shards_rebuilt_for_changed_inputs': len(changed),
               'items_processed': todo_items, 'seconds': round(seconds, 3),
               'items_per_second': round(todo_items / seconds, 3) if seconds > 0 else None,
               'workers': workers}
@@ -762,58 +1179,116 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
 # ---------------------------------------------------------------------------------------------
 # Command line.
 
+_CLI_OPTIONS: dict[str, Any] = {}  # Shared options a converter's run() need not pass on.
+
+
+def _positive_int(text: str) -> int:
+  value = int(text)
+  if value < 1:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 1, got {text!r}')
+  return value
+
+
+def _non_negative_int(text: str) -> int:
+  value = int(text)
+  if value < 0:
+    raise argparse.ArgumentTypeError(f'expected an integer >= 0, got {text!r}')
+  return value
+
+
+def _non_negative_float(text: str) -> float:
+  value = float(text)
+  if not (math.isfinite(value) and value >= 0):
+    raise argparse.ArgumentTypeError(f'expected a finite number >= 0, got {text!r}')
+  return value
+
 
 def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
   """Options every converter takes."""
   parser.add_argument('--out', required=True, help='Output TFDS directory.')
-  parser.add_argument('--examples-per-shard', type=int, default=64,
+  parser.add_argument('--examples-per-shard', type=_positive_int, default=64,
                       help='Items per TFRecord shard (also the unit of work and of resume).')
-  parser.add_argument('--workers', type=int, default=len(os.sched_getaffinity(0)),
+  parser.add_argument('--workers', type=_positive_int, default=len(os.sched_getaffinity(0)),
                       help='Worker processes (default: all cores); 1 runs inline.')
   parser.add_argument('--strict', action='store_true',
                       help='Fail on the first bad input (naming file and problem) '
                            'instead of skipping it.')
-  parser.add_argument('--limit', type=int, default=None,
+  parser.add_argument('--limit', type=_non_negative_int, default=None,
                       help='Only the first N items (sorted), for trials.')
-  parser.add_argument('--grid-tolerance-px', type=float, default=0.5,
+  parser.add_argument('--grid-tolerance-px', type=_non_negative_float, default=0.5,
                       help='Largest allowed bounds offset between co-registered files, '
                            'in 10 m pixels.')
   parser.add_argument('--overwrite', action='store_true',
                       help='Discard what an earlier conversion left in --out and start over '
-                           '(without it, a re-run resumes, and refuses other arguments).')
+                           '(without it, a re-run resumes, and refuses other arguments). Only '
+                           'files a conversion recorded writing are ever deleted.')
+  parser.add_argument('--max-retries', type=_non_negative_int, default=2,
+                      help='How often a shard whose worker process died (e.g. killed when '
+                           'memory ran out) is rebuilt before the run gives it up.')
+
+
+def _undecodable_argument(args: argparse.Namespace) -> str | None:
+  """The file named on the command line that is not UTF-8 text, if any (for the message)."""
+  for value in vars(args).values():
+    if isinstance(value, str) and os.path.isfile(value):
+      try:
+        with open(value, 'rb') as f:
+          f.read().decode('utf-8-sig')
+      except UnicodeDecodeError:
+        return value
+      except OSError:
+        continue
+  return None
 
 
 def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],
              args: argparse.Namespace) -> dict[str, Any]:
-  """Runs a converter, turning expected failures into a one-line error and exit status 1."""
+  """Runs a converter; any failure a user can fix becomes ConversionError (a cli.UserError)."""
+  _CLI_OPTIONS.clear()
+  _CLI_OPTIONS['max_retries'] = getattr(args, 'max_retries', 2)
   try:
     summary = run(args)
   except BadInput as err:
-    raise SystemExit(f'error (--strict): {err.path}: {err.reason}') from None
-  except ConversionError as err:
-    raise SystemExit(f'error: {err}') from None
+    raise ConversionError(f'{printable(err.path)}: {printable(err.reason)} (--strict stops at '
+                          'the first bad input)') from None
+  except UnicodeDecodeError as err:
+    culprit = _undecodable_argument(args)
+    raise ConversionError(
+        f'{printable(culprit) if culprit else "an input text file"} is not UTF-8 text '
+        f'({err.reason} at byte {err.start}); save it as UTF-8') from None
+  except OSError as err:  # e.g. no space left, permission denied on a file inside --out.
+    raise ConversionError(printable(_os_error_text(err))) from None
+  finally:
+    _CLI_OPTIONS.clear()
   total = summary['total']
   logging.info('Converted %d, skipped %d (see %s); %s', total.get('converted', 0),
-               total.get('skipped', 0), os.path.join(args.out, REJECTS_FILE),
+               total.get('skipped', 0), printable(os.path.join(args.out, REJECTS_FILE)),
                json.dumps(summary['splits'], sort_keys=True))
   if not total.get('converted'):
-    raise SystemExit(f'error: every item was rejected; see {os.path.join(args.out, REJECTS_FILE)}')
+    raise ConversionError('every item was rejected; see '
+                          f'{printable(os.path.join(args.out, REJECTS_FILE))}')
   return summary
 
 
 def cli_entry(run: Callable[[argparse.Namespace], dict[str, Any]],
               build_parser: Callable[[], argparse.ArgumentParser]):
   """The two entry points of a converter module: `main(argv)` for scripts and tests (returns the
-  summary), and `entry()` for `python -m` (parses sys.argv, logs to stderr, exits)."""
+  summary; a user error raises SystemExit('error: ...')), and `entry()` for `python -m`
+  (parses sys.argv, logs to stderr; a user error prints one line `error: ...`, exit status 1).
+  """
 
   def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """Parses `argv` (without the program name) and converts; returns the summary."""
-    return cli_main(run, build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    try:
+      return cli_main(run, args)
+    except cli.UserError as err:
+      raise SystemExit(f'error: {" ".join(str(err).split())}') from None
 
   def entry() -> None:
     args = build_parser().parse_args()  # --help and usage errors: argparse's own exit status 2
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    cli_main(run, args)
+    cli.guarded(cli_main)(run, args)
 
   return main, entry

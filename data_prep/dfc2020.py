@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
   return common.run_conversion(
       converter, splits, args.out, examples_per_shard=args.examples_per_shard,
       workers=args.workers, strict=args.strict, overwrite=args.overwrite,
-      plan_args={'limit': args.limit},
+      max_retries=args.max_retries, plan_args={'limit': args.limit},
       description='DFC2020 S1+S2 patches with labels mapped to the DW-ordered 8 classes, '
                   'converted by data_prep.dfc2020.')
 

@@ -18,12 +18,12 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import datetime
 import functools
 import json
 import os
-import shutil
 import sys
 import time
 from typing import Any, Sequence
@@ -53,7 +53,9 @@ DFC_SPLITS = ('validation', 'test')
 DFC_SAVANNA = 3        # DFC2020 codes without a DW counterpart (SPEC §2.4: "ignore")
 DFC_SNOW = 8
 DEFAULT_SCENE_SIZE = (700, 900)
-_MARKER = '.make_demo'  # marks a folder as this tool's output, so a rerun may replace it
+# Marks a folder as this tool's output and records the files it wrote: a rerun deletes only those.
+_MARKER = '.make_demo'
+_OUTPUTS = ('ssl4eo', 'dfc2020', 'scene', 'summary.json')
 _S2_SCALE = {res: res // 10 for res in set(constants.S2_RESOLUTION_M)}
 
 
@@ -835,22 +837,74 @@ def _ssl_summary(stats: _SslStats, locations: int) -> dict[str, Any]:
   }
 
 
-def _prepare_output(out_dir: str) -> None:
-  """Refuses to write over data this tool did not make; clears its own earlier output."""
-  ours = ('ssl4eo', 'dfc2020', 'scene', 'summary.json')
-  present = [p for p in ours if os.path.exists(os.path.join(out_dir, p))]
-  if present and not os.path.exists(os.path.join(out_dir, _MARKER)):
+def _own_files(out_dir: str) -> set[str]:
+  """Relative paths of every file (or link) under the entries this tool writes."""
+  found = set()
+  for entry in _OUTPUTS:
+    path = os.path.join(out_dir, entry)
+    if os.path.isfile(path) or os.path.islink(path):
+      found.add(entry)
+    for folder, _, names in os.walk(path):
+      found.update(os.path.relpath(os.path.join(folder, n), out_dir) for n in names)
+  return found
+
+
+def _read_marker(out_dir: str) -> dict[str, Any] | None:
+  try:
+    with open(os.path.join(out_dir, _MARKER), encoding='utf-8') as f:
+      text = f.read()
+  except FileNotFoundError:
+    return None
+  try:
+    marker = json.loads(text)
+  except ValueError:
+    marker = None
+  if not isinstance(marker, dict) or marker.get('written_by') != 'data_prep.make_demo':
+    return {'legacy': True}  # An older make_demo: it did not record which files it wrote.
+  return marker
+
+
+def _prepare_output(out_dir: str) -> list[str]:
+  """Refuses to write over data this tool did not make; deletes only its own recorded files.
+
+  The marker lists the files a completed run wrote; during a run it lists the files that were
+  there before (the user's), so after a kill everything else counts as this tool's. Files the
+  user put among the demo files (also later) are never deleted. Returns the user's files.
+  """
+  present = [p for p in _OUTPUTS if os.path.lexists(os.path.join(out_dir, p))]
+  marker = _read_marker(out_dir)
+  if present and marker is None:
     raise FileExistsError(
         f'{out_dir} already holds {", ".join(present)} not written by data_prep.make_demo; '
         'choose an empty --out folder.')
-  for p in present:
-    path = os.path.join(out_dir, p)
-    if os.path.isdir(path):
-      shutil.rmtree(path)
-    else:
-      os.remove(path)
+  if present and marker.get('legacy'):
+    raise FileExistsError(
+        f'{out_dir} was written by an older data_prep.make_demo that did not record its files; '
+        f'delete {", ".join(present)} yourself or choose an empty --out folder.')
+  if marker is not None and not marker.get('legacy'):
+    if marker.get('complete'):
+      ours = set(marker.get('files', ())) & _own_files(out_dir)
+    else:  # A run killed midway: all but what was there before it started.
+      ours = _own_files(out_dir) - set(marker.get('kept', ()))
+    for rel in sorted(ours):
+      os.remove(os.path.join(out_dir, rel))
+    for entry in _OUTPUTS:  # Folders left empty (deepest first); the user's files keep theirs.
+      for folder, _, _ in sorted(os.walk(os.path.join(out_dir, entry)), reverse=True):
+        with contextlib.suppress(OSError):
+          os.rmdir(folder)
   os.makedirs(out_dir, exist_ok=True)
-  geotiff.write_text(os.path.join(out_dir, _MARKER), 'written by python -m data_prep.make_demo\n')
+  kept = sorted(_own_files(out_dir))
+  geotiff.write_text(os.path.join(out_dir, _MARKER), json.dumps(
+      {'written_by': 'data_prep.make_demo', 'complete': False, 'kept': kept}, indent=1) + '\n')
+  return kept
+
+
+def _record_output(out_dir: str, kept: Sequence[str]) -> None:
+  """Marks the run complete, listing the files it wrote (all there but the user's)."""
+  files = sorted(_own_files(out_dir) - set(kept))
+  geotiff.write_text(os.path.join(out_dir, _MARKER), json.dumps(
+      {'written_by': 'data_prep.make_demo', 'complete': True, 'files': files, 'kept': list(kept)},
+      indent=1) + '\n')
 
 
 def make_demo(out_dir: str | os.PathLike, *, locations: int = 24, noise: float = 0.3,
@@ -874,7 +928,7 @@ def make_demo(out_dir: str | os.PathLike, *, locations: int = 24, noise: float =
   if scene_size is not None and min(scene_size) < 16:
     raise ValueError(f'scene_size must be at least 16x16, got {scene_size}')
   out_dir = os.fspath(out_dir)
-  _prepare_output(out_dir)
+  kept = _prepare_output(out_dir)
   start = time.perf_counter()
 
   def say(message: str) -> None:
@@ -920,6 +974,7 @@ def make_demo(out_dir: str | os.PathLike, *, locations: int = 24, noise: float =
       'scene': scene_summary,
   }
   geotiff.write_text(os.path.join(out_dir, 'summary.json'), json.dumps(summary, indent=2) + '\n')
+  _record_output(out_dir, kept)
   summary['elapsed_s'] = round(time.perf_counter() - start, 2)
   return summary
 

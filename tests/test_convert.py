@@ -261,7 +261,8 @@ def test_ssl4eo_bad_inputs_are_rejected_and_strict_fails(tmp_path):
 
   with pytest.raises(SystemExit) as err:
     ssl4eo.main(_ssl4eo_args(root, tmp_path / 'strict', '--strict', '--limit', '2'))
-  assert str(err.value.code).startswith(f'error (--strict): {broken[1][1]}: unreadable')
+  assert str(err.value.code).startswith(f'error: {broken[1][1]}: unreadable')
+  assert '--strict' in str(err.value.code)
   assert not os.path.exists(tmp_path / 'strict' / 'dataset_info.json')
 
 
