@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import ml_collections
 
 from cromss_jax import cli
+from cromss_jax import constants
 from cromss_jax.cli import UserError
 
 
@@ -103,7 +104,7 @@ RULES: dict[str, Rule] = {
     'seed': _number(integer=True),
     # data
     'data.dataset_dir': _string(),
-    'data.s2_bands': _one_of(13, 12, 9, 3),
+    'data.s2_bands': _one_of(*constants.S2_BAND_SUBSETS),
     'data.tile_size': _number(32, integer=True),
     'data.crop_size': _number(32, integer=True),
     'data.flip': _BOOL,

@@ -189,17 +189,17 @@ def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Sour
   tile_size = height
   config_tile = config.data.tile_size
   if config_tile != tile_size:
-    raise ValueError(f'config.data.tile_size={config_tile} but {dataset_dir} stores '
-                     f'{tile_size}x{tile_size} tiles; set --config.data.tile_size={tile_size}.')
+    raise config_validation.ConfigError(
+        f'config.data.tile_size={config_tile} but {dataset_dir} stores '
+        f'{tile_size}x{tile_size} tiles; set --config.data.tile_size={tile_size}.')
   crop = config.data.crop_size
   if crop > tile_size:
-    raise ValueError(f'config.data.crop_size={crop} is larger than the {tile_size}x{tile_size} '
-                     f'tiles in {dataset_dir}; use a crop <= {tile_size}.')
+    raise config_validation.ConfigError(
+        f'config.data.crop_size={crop} is larger than the {tile_size}x{tile_size} tiles in '
+        f'{dataset_dir}; use a crop <= {tile_size}.')
 
+  config_validation.validate_keys(config, ('data.s2_bands',))
   s2_bands = config.data.s2_bands
-  if s2_bands not in constants.S2_BAND_SUBSETS:
-    raise ValueError(f'config.data.s2_bands={s2_bands!r} is not one of '
-                     f'{sorted(constants.S2_BAND_SUBSETS)}.')
   stored_bands = s2_shape[-1]
   if stored_bands == len(constants.S2_BANDS):
     band_indices = constants.S2_BAND_SUBSETS[s2_bands]
@@ -208,7 +208,7 @@ def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Sour
     logging.warning('%s stores %d S2 bands; taking them as the config.data.s2_bands=%d subset.',
                     dataset_dir, stored_bands, s2_bands)
   else:
-    raise ValueError(
+    raise config_validation.ConfigError(
         f'config.data.s2_bands={s2_bands} needs the {len(constants.S2_BANDS)}-band records, but '
         f'{dataset_dir} stores {stored_bands} S2 bands; rewrite it with `{kind.command}` or '
         f'set --config.data.s2_bands={stored_bands}.')
@@ -244,8 +244,9 @@ def _resolve_hosts(process_index: int | None, process_count: int | None) -> tupl
 def _per_host_batch(config: ml_collections.ConfigDict, process_count: int) -> int:
   global_batch = config.training.global_batch_size
   if global_batch % process_count:
-    raise ValueError(f'config.training.global_batch_size={global_batch} is not divisible by '
-                     f'the {process_count} processes; pick a multiple of {process_count}.')
+    raise config_validation.ConfigError(
+        f'config.training.global_batch_size={global_batch} is not divisible by the '
+        f'{process_count} processes; pick a multiple of {process_count}.')
   return global_batch // process_count
 
 

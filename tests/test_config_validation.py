@@ -630,3 +630,21 @@ def test_the_input_pipeline_applies_the_validators_rotation_rules(datasets):
   with pytest.raises(cv.ConfigError, match=r"config\.data\.image_interpolation='cubic'"):
     ip.create_downstream_iterator(config, 'validation', train=True, process_index=0,
                                   process_count=1)
+
+
+def test_config_against_the_records_is_a_config_error(datasets):
+  """Tile size, crop and bands that the records contradict: user errors naming the key."""
+  from cromss_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  cases = [({'data.tile_size': 96, 'data.crop_size': 96},
+            r'config\.data\.tile_size=96 but .* stores 64x64 tiles; set --config\.data\.tile_size'
+            r'=64'),
+           ({'data.s2_bands': 5}, r'config\.data\.s2_bands=5 is not allowed; expected one of '
+                                  r'13, 12, 9, 3'),
+           ({'training.global_batch_size': 3}, r'config\.training\.global_batch_size=3 is not '
+                                               r'divisible by the 2 processes')]
+  for changes, expected in cases:
+    config = _tiny(datasets['pretrain'])
+    for path, value in changes.items():
+      _set(config, path, value)
+    with pytest.raises(cv.ConfigError, match=expected):
+      ip.pretrain_info(config, process_count=2)
