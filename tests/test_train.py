@@ -160,7 +160,8 @@ def test_consecutive_nan_batches_stop_training_and_keep_last_good_checkpoint(tmp
   message = str(info.value)
   assert 'max_consecutive_nonfinite=3' in message and '3 consecutive steps' in message
   assert str(tmp_path) in message
-  assert yielded == [0, 1, 2, 3, 4], 'stopped at the wrong step (log_every_steps=1)'
+  # Steps 0..4 ran; batch 5 was already read (the loop reads one batch ahead).
+  assert yielded == [0, 1, 2, 3, 4, 5], 'stopped at the wrong step (log_every_steps=1)'
   assert complete_steps(tmp_path) == [2, 4]
   good, latest = restore_step(tmp_path, 2)[0], restore_step(tmp_path, 4)[0]
   # The checkpoint written during the streak holds the last good update (step 2's).
@@ -178,18 +179,19 @@ def toy_reference(tmp_path_factory):
   return state, json.loads((workdir / 'history.json').read_text())
 
 
-@pytest.mark.parametrize('signal_step', [1, 2], ids=['at-epoch-end', 'mid-epoch'])
+@pytest.mark.parametrize('signal_step', [2, 3], ids=['at-epoch-end', 'mid-epoch'])
 def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, signal_step):
-  """SIGTERM during step k: checkpoint at k+1, return; a rerun finishes like an unbroken run.
+  """SIGTERM while batch k is read (the loop reads it during step k-1, double buffering):
+  checkpoint at k, stop; a rerun finishes like an unbroken run.
 
-  k=1 is the last step of epoch 1, where the regular epoch checkpoint is also due.
+  k=2 is the end of epoch 1, where the regular epoch checkpoint is also due.
   """
   with pytest.raises(train.Preempted) as stopped:
     train.train_and_evaluate(toy_config(num_epochs=3), str(tmp_path),
                              toy_task(2, sigterm_before={signal_step}))
-  assert stopped.value.step == signal_step + 1
-  assert int(stopped.value.state.step) == signal_step + 1
-  assert complete_steps(tmp_path)[-1] == signal_step + 1
+  assert stopped.value.step == signal_step
+  assert int(stopped.value.state.step) == signal_step
+  assert complete_steps(tmp_path)[-1] == signal_step
   assert signal.getsignal(signal.SIGTERM) is not None   # the previous handler is back
   final = train.train_and_evaluate(toy_config(num_epochs=3), str(tmp_path), toy_task(2))
   reference, reference_history = toy_reference

@@ -197,11 +197,22 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
   window_start = time.perf_counter()
   window_first_step = start_step
   input_wait = 0.0
-  for step in range(start_step, total_steps):
+
+  def next_batch():
+    """The next batch, already on its way to the devices (time spent here = input wait)."""
+    nonlocal input_wait
     wait_start = time.perf_counter()
-    host_batch = next(train_iter)
+    batch = sharding.host_batch_to_global(next(train_iter), mesh)
     input_wait += time.perf_counter() - wait_start
-    state, step_metrics = step_fn(state, sharding.host_batch_to_global(host_batch, mesh))
+    return batch
+
+  # Double buffer: step s is dispatched (asynchronously) before batch s+1 is read and sent,
+  # so the host's work and the transfer overlap the device's compute.
+  batch = next_batch()
+  for step in range(start_step, total_steps):
+    state, step_metrics = step_fn(state, batch)
+    if step + 1 < total_steps:
+      batch = next_batch()
     window.append(step_metrics)
     done = step + 1
     at_boundary = done % log_every == 0 or done % steps_per_epoch == 0
