@@ -41,9 +41,9 @@ overviews) with the input's CRS and transform, uint8 class indices with a colour
 (constants.DW_PALETTE), nodata 255 where the input has none (a pixel whose bands all equal the
 file's nodata value or are all 0, or with any NaN/inf; for S1-only models: all bands nodata or
 NaN/inf); with `confidence` a second band holds round(max probability x 255), capped at 254 so
-that 255 stays nodata. Beside it: `MAP.aux.xml` (GDAL category names and a raster attribute
-table: value, class, colour, pixel count) and `MAP.qml`, a QGIS paletted style with the class
-names and colours that QGIS applies when it opens the map. Every file is written under a
+that 255 stays nodata. Beside MAP.tif: `MAP.tif.aux.xml` (GDAL category names and a raster
+attribute table: value, class, colour, pixel count) and `MAP.qml`, a QGIS paletted style with the
+class names and colours that QGIS applies when it opens the map. Every file is written under a
 temporary name and renamed when complete; an output that is one of the inputs is refused before
 anything is read.
 """
@@ -425,7 +425,8 @@ def _find_band_files(folder: str) -> dict[int, list[str]]:
       dirs[:] = []
     for name in sorted(files):
       stem, suffix = os.path.splitext(name)
-      if name.startswith('.') or suffix.lower() not in RASTER_SUFFIXES:
+      if (name.startswith('.') or suffix.lower() not in RASTER_SUFFIXES or
+          stem.upper().startswith('MSK_')):          # SAFE quality masks (MSK_DETFOO_B01.jp2)
         continue
       band = s2_band_name(stem)
       if band is not None:

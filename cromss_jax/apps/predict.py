@@ -55,7 +55,7 @@ def main(argv: Sequence[str]) -> None:
   # Everything that needs no model first: a bad argument costs no model loading.
   mapping.check_arguments(_WINDOW.value, _OVERLAP.value, _BATCH.value, _S2_OFFSET.value)
   for what, path in (('S2', _S2.value), ('S1', _S1.value)):
-    if path and not (os.path.exists(path)):
+    if path and not os.path.exists(path):
       raise mapping.PredictionError(f'{what} input {path} does not exist.')
   mapping.check_output(_OUT.value, [_S2.value, _S1.value])
   predictor = mapping.load_predictor(_MODEL.value, with_s1=bool(_S1.value),
