@@ -199,15 +199,14 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
   return node
 
 
-def _import_configs() -> Any:
+def _import_configs() -> None:
+  """Makes the repository's `configs` package importable (also when run from elsewhere)."""
   try:
-    import configs  # pylint: disable=g-import-not-at-top
-  except ImportError:   # run from elsewhere than the repository root
+    import configs  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
       sys.path.append(root)
-    import configs  # pylint: disable=g-import-not-at-top
-  return configs
 
 
 def reference_config(config: ml_collections.ConfigDict) -> tuple[str, ml_collections.ConfigDict]:
@@ -481,7 +480,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
       head, _, trace = text.partition('Traceback (most recent call last)')
       text = f'{head.strip()} {trace.strip().splitlines()[-1]}'
     cli.fail(' '.join(text.split()))
-  except (AttributeError, KeyError) as err:   # ml_collections: an override of an unknown key
+  except (AttributeError, KeyError):   # ml_collections: an override of an unknown key
     message = _unknown_override(argv, flags)
     if message is None:
       raise
