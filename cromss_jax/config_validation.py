@@ -13,6 +13,7 @@ so each rule runs first and names the key and what it accepts:
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import os
 import sys
@@ -111,6 +112,7 @@ RULES: dict[str, Rule] = {
     'data.rotation': _one_of('free', 'rot90', 'none'),
     'data.rotation_prob': _number(0, 1),
     'data.image_interpolation': _one_of('bilinear', 'nearest'),
+    'data.augment_on': _one_of('device', 'host'),
     'data.shuffle_buffer': _POSITIVE_INT,
     'data.num_parallel_calls': _number(1, integer=True, also=-1),
     'data.prefetch': _number(0, integer=True, also=-1),
@@ -201,9 +203,7 @@ def _get(config: ml_collections.ConfigDict, path: str) -> Any:
 
 def _import_configs() -> None:
   """Makes the repository's `configs` package importable (also when run from elsewhere)."""
-  try:
-    import configs  # pylint: disable=g-import-not-at-top,unused-import
-  except ImportError:
+  if importlib.util.find_spec('configs') is None:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     if root not in sys.path:
       sys.path.append(root)
