@@ -248,10 +248,13 @@ def check_keys(config: ml_collections.ConfigDict) -> None:
   unknown = _first_unknown(reference, (path for path, _ in _leaves(config)))
   if unknown is not None:
     raise ConfigError(_unknown_key_message(*unknown, where))
-  paths = dict(_leaves(config))
-  for path, value in _leaves(reference):
-    if path not in paths:
-      raise ConfigError(f'config.{path} is missing; {where} sets it (to {value!r}).')
+  missing = _first_unknown(config, (path for path, _ in _leaves(reference)))
+  if missing is not None:
+    path = missing[0]
+    value = _get(reference, path)
+    what = (f'the group {path}' if isinstance(value, ml_collections.ConfigDict)
+            else f'it (to {value!r})')
+    raise ConfigError(f'config.{path} is missing; {where} sets {what}.')
 
 
 # ------------------------------------------------------------------------------------------------
