@@ -1,7 +1,6 @@
 """PNG panels of a validation sample, so a user can see what the two branches learn."""
 from __future__ import annotations
 
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,6 +15,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from cromss_jax import constants  # noqa: E402
 from cromss_jax import models
 from cromss_jax import objective  # noqa: E402
+from cromss_jax import utils  # noqa: E402
 
 
 def class_colormap(num_classes: int) -> ListedColormap:
@@ -68,8 +68,6 @@ def write_pretrain_panel(model, obj_cfg: ml_collections.ConfigDict, params, batc
     ax.axis('off')
   fig.suptitle(f'epoch {epoch}', fontsize=9)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + '.tmp.png'
-  fig.savefig(tmp, dpi=80)
+  with utils.atomic_output(path) as tmp:
+    fig.savefig(tmp, dpi=80, format='png')
   plt.close(fig)
-  os.replace(tmp, path)

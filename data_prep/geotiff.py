@@ -6,15 +6,15 @@ valid data.
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import uuid
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
+
+from cromss_jax.utils import atomic_output, write_text  # noqa: F401  (write_text: for callers)
 
 
 def utm_crs(zone: int, north: bool = True) -> CRS:
@@ -27,30 +27,6 @@ def utm_crs(zone: int, north: bool = True) -> CRS:
 def north_up_transform(left: float, top: float, pixel_size: float) -> Affine:
   """Affine of a north-up grid whose upper-left corner is (left, top)."""
   return Affine(pixel_size, 0.0, left, 0.0, -pixel_size, top)
-
-
-@contextlib.contextmanager
-def atomic_output(path: str | os.PathLike) -> Iterator[str]:
-  """Yields a temporary path next to `path`; on success it replaces `path`, else it is removed."""
-  path = os.fspath(path)
-  folder = os.path.dirname(path) or '.'
-  os.makedirs(folder, exist_ok=True)
-  # Not mkstemp: its 0600 mode would stick to the result; this name is unique per process/call.
-  tmp = os.path.join(folder, f'.{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
-  try:
-    yield tmp
-    os.replace(tmp, path)
-  except BaseException:
-    with contextlib.suppress(FileNotFoundError):
-      os.remove(tmp)
-    raise
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-  """Atomically writes a UTF-8 text file."""
-  with atomic_output(path) as tmp:
-    with open(tmp, 'w', encoding='utf-8', newline='') as f:
-      f.write(text)
 
 
 def write_geotiff(path: str | os.PathLike, data: np.ndarray, *, crs: CRS | str,

@@ -49,6 +49,7 @@ from cromss_jax import cli
 from cromss_jax import exports
 from cromss_jax import logs
 from cromss_jax import train
+from cromss_jax import utils
 from cromss_jax.tasks import ablations
 from cromss_jax.tasks import pretrain as pretrain_task
 from cromss_jax.tasks import transfer
@@ -174,10 +175,7 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json(path: str, payload: Any) -> None:
-  tmp = f'{path}.tmp-{os.getpid()}'
-  with open(tmp, 'w') as f:
-    json.dump(payload, f, indent=1, default=_json_default)
-  os.replace(tmp, path)
+  utils.write_text(path, json.dumps(payload, indent=1, default=_json_default))
 
 
 def _json_default(value: Any) -> Any:

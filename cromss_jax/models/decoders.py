@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from cromss_jax.models.fusion import compute_dtype
-from cromss_jax.models.resnet import BN_EPSILON, BN_MOMENTUM, ResNetEncoder, encoder_depth
+from cromss_jax.models.resnet import (BN_EPSILON, BN_MOMENTUM, ResNetEncoder, encoder_depth,
+                                      torch_padding)
 from cromss_jax.models.unet import DECODER_KERNEL_INIT, HEAD_KERNEL_INIT, UNetDecoder
 
 Dtype = Any
@@ -116,11 +117,6 @@ class _Layers:
                                   param_dtype=param_dtype)
 
 
-def _pad(k: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
-  p = (k // 2) * dilation
-  return ((p, p), (p, p))
-
-
 class SeparableConv(nn.Module):
   """Depthwise kxk (optionally dilated) then pointwise 1x1, no bias (smp SeparableConv2d)."""
   features: int
@@ -132,7 +128,7 @@ class SeparableConv(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     layers = _Layers(self.dtype, self.param_dtype, train=False)
-    x = layers.conv(x.shape[-1], (self.kernel, self.kernel), padding=_pad(self.kernel,
+    x = layers.conv(x.shape[-1], (self.kernel, self.kernel), padding=torch_padding(self.kernel,
                                                                           self.dilation),
                     kernel_dilation=self.dilation, feature_group_count=x.shape[-1],
                     use_bias=False, name='depthwise')(x)
@@ -167,7 +163,7 @@ class PSPNetDecoder(nn.Module):
     y = layers.conv(self.out_channels, (1, 1), use_bias=False, name='bottleneck_conv')(y)
     y = nn.relu(layers.bn(name='bottleneck_bn')(y))
     y = nn.Dropout(self.dropout, broadcast_dims=(1, 2), deterministic=not train)(y)
-    return layers.head(self.num_classes, (3, 3), padding=_pad(3), name='head')(y)
+    return layers.head(self.num_classes, (3, 3), padding=torch_padding(3), name='head')(y)
 
 
 class DeepLabV3PlusDecoder(nn.Module):
@@ -238,7 +234,7 @@ class FPNDecoder(nn.Module):
     for level, (p, n_up) in enumerate(zip(pyramid, (3, 2, 1, 0))):
       y = p
       for j in range(max(n_up, 1)):
-        y = layers.conv(self.segmentation_channels, (3, 3), padding=_pad(3), use_bias=False,
+        y = layers.conv(self.segmentation_channels, (3, 3), padding=torch_padding(3), use_bias=False,
                         name=f'seg{level}_conv{j}')(y)
         y = nn.GroupNorm(num_groups=GROUPNORM_GROUPS, epsilon=GROUPNORM_EPSILON,
                          dtype=self.dtype, param_dtype=self.param_dtype,

@@ -47,9 +47,11 @@ def pyramid_channels(depth: int) -> tuple[int, int, int, int, int]:
   return (64,) + tuple(w * expansion for w in STAGE_WIDTHS)  # type: ignore[return-value]
 
 
-def _pad(k: int) -> tuple[tuple[int, int], tuple[int, int]]:
-  """torch-style symmetric padding k//2 (differs from 'SAME' for stride 2)."""
-  return ((k // 2, k // 2), (k // 2, k // 2))
+def torch_padding(k: int, dilation: int = 1) -> tuple[tuple[int, int], tuple[int, int]]:
+  """torch-style symmetric padding (k//2)*dilation (differs from 'SAME' for stride 2), so
+  the published PyTorch weights give the same outputs here."""
+  p = (k // 2) * dilation
+  return ((p, p), (p, p))
 
 
 def _conv_and_norm(dtype: Dtype, param_dtype: Dtype, train: bool):
@@ -81,9 +83,9 @@ class BasicBlock(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, *, train: bool) -> jax.Array:
     conv, norm = _conv_and_norm(self.dtype, self.param_dtype, train)
-    y = conv(self.features, (3, 3), strides=self.strides, padding=_pad(3), name='conv1')(x)
+    y = conv(self.features, (3, 3), strides=self.strides, padding=torch_padding(3), name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.features, (3, 3), padding=_pad(3), name='conv2')(y)
+    y = conv(self.features, (3, 3), padding=torch_padding(3), name='conv2')(y)
     y = norm(name='bn2')(y)
     return nn.relu(y + _shortcut(x, self.features * self.expansion, self.strides, conv, norm))
 
@@ -103,7 +105,7 @@ class Bottleneck(nn.Module):
     out_features = self.features * self.expansion
     y = conv(self.features, (1, 1), padding='VALID', name='conv1')(x)
     y = nn.relu(norm(name='bn1')(y))
-    y = conv(self.features, (3, 3), strides=self.strides, padding=_pad(3), name='conv2')(y)
+    y = conv(self.features, (3, 3), strides=self.strides, padding=torch_padding(3), name='conv2')(y)
     y = nn.relu(norm(name='bn2')(y))
     y = conv(out_features, (1, 1), padding='VALID', name='conv3')(y)
     y = norm(name='bn3')(y)
@@ -150,7 +152,7 @@ class ResNetEncoder(nn.Module):
     kind, counts = RESNET_LAYOUTS[self.depth]
     block_cls = Bottleneck if kind == 'bottleneck' else BasicBlock
     x = x.astype(self.dtype)
-    x = nn.Conv(64, (7, 7), strides=2, padding=_pad(7), use_bias=False,
+    x = nn.Conv(64, (7, 7), strides=2, padding=torch_padding(7), use_bias=False,
                 kernel_init=ENCODER_KERNEL_INIT, dtype=self.dtype, param_dtype=self.param_dtype,
                 name='conv1')(x)
     x = nn.BatchNorm(use_running_average=not train, momentum=BN_MOMENTUM, epsilon=BN_EPSILON,
