@@ -51,6 +51,16 @@ def guarded(main: Callable[..., Any]) -> Callable[..., Any]:
   return wrapper
 
 
+def check_command_line(argv: Sequence[str], **required: Any) -> None:
+  """No positional arguments, and every flag of `required` (name=value) given a value."""
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  missing = [f'--{name}' for name, value in required.items() if value in (None, '')]
+  if missing:
+    raise UserError(f'{" and ".join(missing)} {"is" if len(missing) == 1 else "are"} required '
+                    '(see --help)')
+
+
 def run_absl(main: Callable[[Sequence[str]], Any]) -> None:
   """`absl.app.run(main)` with the project's error convention, flag errors and config errors
   (`config_validation.parse_flags`) included."""

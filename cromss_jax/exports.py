@@ -164,3 +164,9 @@ def load_exported(path: str) -> tuple[dict, dict]:
   if os.path.isfile(os.path.join(path, SAFETENSORS_FILE)):
     return _load_safetensors(path), meta
   return _load_orbax(path), meta
+
+
+def describe(paths: Mapping[str, str]) -> str:
+  """One line per written item: 'name: path  (+ name.json)'."""
+  return '\n'.join(f'{name}: {path}  (+ {os.path.basename(path)}.json)'
+                   for name, path in paths.items())

@@ -35,10 +35,10 @@ PATCH_SIZE = 256
 DFC_CODES = (1, 10)
 
 
-def dfc2020_features() -> tfds.features.FeaturesDict:
-  """Record layout of docs/DESIGN.md; uint8 tensors stored as raw bytes."""
+def downstream_features(size: int = PATCH_SIZE) -> tfds.features.FeaturesDict:
+  """The downstream record layout of docs/DESIGN.md (DFC2020, SSL4EO-S12@DW/@OSM) for
+  size x size patches; uint8 tensors stored as raw bytes."""
   raw = tfds.features.Encoding.BYTES
-  size = PATCH_SIZE
   return tfds.features.FeaturesDict({
       's1': tfds.features.Tensor(shape=(size, size, len(constants.S1_BANDS)), dtype=np.uint8,
                                  encoding=raw),
@@ -69,7 +69,7 @@ class Dfc2020Converter(common.Converter):
   counter_names = ('non_finite_values',)
 
   def features(self) -> tfds.features.FeaturesDict:
-    return dfc2020_features()
+    return downstream_features()
 
   def item_name(self, item: Any) -> str:
     return patch_id(*item)

@@ -59,6 +59,7 @@ import tensorflow_datasets as tfds
 
 from cromss_jax import constants
 from data_prep import common
+from data_prep import dfc2020
 
 LABEL_KINDS = ('dw', 'osm')
 DATASET_NAMES = {'dw': 'ssl4eo_s12_dw', 'osm': 'ssl4eo_s12_osm'}
@@ -113,20 +114,6 @@ def pad_to_tile(images: np.ndarray, label: np.ndarray, size: int = TILE_SIZE
   return images, label
 
 
-def dwosm_features() -> tfds.features.FeaturesDict:
-  """The downstream record layout of data_prep.dfc2020, at 512 x 512."""
-  raw = tfds.features.Encoding.BYTES
-  size = TILE_SIZE
-  return tfds.features.FeaturesDict({
-      's1': tfds.features.Tensor(shape=(size, size, len(constants.S1_BANDS)), dtype=np.uint8,
-                                 encoding=raw),
-      's2': tfds.features.Tensor(shape=(size, size, len(constants.S2_BANDS)), dtype=np.uint8,
-                                 encoding=raw),
-      'label': tfds.features.Tensor(shape=(size, size), dtype=np.uint8, encoding=raw),
-      'patch_id': tfds.features.Tensor(shape=(), dtype=np.str_),
-  })
-
-
 def tile_path(split_dir: str, labels: str, modality: str, tile_id: str) -> str:
   """modality: 's1', 's2' or 'label'."""
   if modality == 'label':
@@ -151,7 +138,7 @@ class DwOsmConverter(common.Converter):
     return DATASET_NAMES[self.labels]
 
   def features(self) -> tfds.features.FeaturesDict:
-    return dwosm_features()
+    return dfc2020.downstream_features(TILE_SIZE)
 
   def item_name(self, item: Any) -> str:
     return f'{item[0]}/{item[1]}'

@@ -19,7 +19,6 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from configs import demo as demo_config
 from configs import pretrain as pretrain_config
 from cromss_jax import train
 
@@ -28,26 +27,20 @@ TMP_SUFFIX = '.orbax-checkpoint-tmp'
 # Hang guard for every subprocess: generous for a cold compile on a slow 2-core machine.
 PROCESS_TIMEOUT_S = 420
 
-# The tiny pretraining config shared by every real-model run (in-process and CLI). keep_ratio
-# 0.3 (default 0.5) proves that a CLI override reaches the objective: the CLI runs pass it as
-# --config.objective.keep_ratio=0.3 and must reproduce run A exactly.
-TINY = {
-    'data.crop_size': 64,
-    'data.shuffle_buffer': 8,
-    'training.global_batch_size': 2,
-    'training.steps_per_epoch': 2,
-    'training.num_epochs': 3,
-    'training.checkpoint_every_epochs': 1,
-    'training.log_every_steps': 1,
-    'training.panel_every_epochs': 0,
-    'objective.keep_ratio': 0.3,
-}
-TOTAL_STEPS = TINY['training.num_epochs'] * TINY['training.steps_per_epoch']
+# The tiny pretraining config shared by every real-model run (in-process and CLI): the `tiny`
+# variant of configs/pretrain.py plus TINY. keep_ratio 0.3 (default 0.5) proves that a CLI
+# override reaches the objective: the CLI runs pass it as --config.objective.keep_ratio=0.3
+# and must reproduce the in-process run exactly.
+TINY_CONFIG = 'configs/pretrain.py:tiny'
+TINY = {'objective.keep_ratio': 0.3}
+_TINY_TRAINING = pretrain_config.get_config('tiny').training
+NUM_EPOCHS = _TINY_TRAINING.num_epochs
+TOTAL_STEPS = NUM_EPOCHS * _TINY_TRAINING.steps_per_epoch
 
 
 def tiny_config(dataset_dir: str, **changes: Any):
-  """configs/demo.py with TINY and `changes` ({'training.num_epochs': 1, ...}) applied."""
-  config = demo_config.get_config()
+  """The tiny variant with TINY and `changes` ({'training.num_epochs': 1, ...}) applied."""
+  config = pretrain_config.get_config('tiny')
   config.data.dataset_dir = str(dataset_dir)
   for key, value in {**TINY, **changes}.items():
     section, name = key.split('.')
@@ -207,7 +200,7 @@ class Proc:
 
 
 def cli_command(workdir, dataset_dir, **changes) -> list[str]:
-  return [sys.executable, '-m', 'cromss_jax.main', '--config=configs/demo.py',
+  return [sys.executable, '-m', 'cromss_jax.main', f'--config={TINY_CONFIG}',
           f'--workdir={workdir}', *cli_overrides(dataset_dir, **changes)]
 
 

@@ -21,7 +21,7 @@ from cromss_jax import input_pipeline
 from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax.tasks import pretrain
-from helpers import Proc, cli_overrides, flat, tiny_config
+from helpers import TINY_CONFIG, Proc, cli_overrides, flat, tiny_config
 from helpers import REPO
 
 _SHARED: dict[str, Any] = {}
@@ -82,7 +82,7 @@ def _launch_multiprocess(root: Path, dataset_dir: str) -> dict:
   procs = []
   for process_id in range(2):
     args = [sys.executable, str(DRIVER), str(root / 'batches.npz'), str(root / 'init.npz'),
-            '--config=configs/demo.py',
+            f'--config={TINY_CONFIG}',
             f'--workdir={workdir}', f'--coordinator_address=127.0.0.1:{port}',
             '--num_processes=2', f'--process_id={process_id}',
             *cli_overrides(dataset_dir, **{'training.num_epochs': 1})]

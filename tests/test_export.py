@@ -60,7 +60,7 @@ def test_export_cli_writes_encoders_and_model_with_metadata(exported):
     assert info['encoder'] == 'resnet18'
     assert info['classes'] == list(constants.DW_CLASSES) and info['num_classes'] == 9
     assert info['source_step'] == exported['step'] == helpers.TOTAL_STEPS
-    assert info['epoch'] == helpers.TINY['training.num_epochs']
+    assert info['epoch'] == helpers.NUM_EPOCHS
     assert info['config']['objective']['keep_ratio'] == 0.3
   # Bands in SPEC order, with the normalisation the records were made with.
   assert s1['bands'] == ['VV', 'VH']

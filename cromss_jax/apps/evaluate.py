@@ -20,10 +20,7 @@ _OUT = flags.DEFINE_string('out', None, 'Folder for the report files; default th
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value:
-    raise cli.UserError('--workdir is required (a transfer workdir with checkpoints/)')
+  cli.check_command_line(argv, workdir=_WORKDIR.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data only
   from cromss_jax import evaluate  # pylint: disable=g-import-not-at-top

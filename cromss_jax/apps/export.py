@@ -7,7 +7,6 @@
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import flags
@@ -23,14 +22,10 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export d
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _WORKDIR.value or not _OUT.value:
-    raise cli.UserError('--workdir and --out are required')
+  cli.check_command_line(argv, workdir=_WORKDIR.value, out=_OUT.value)
   paths = exports.export_pretrained(_WORKDIR.value, _OUT.value, overwrite=_OVERWRITE.value,
                                     fmt=_FORMAT.value)
-  for name, path in paths.items():
-    print(f'{name}: {path}  (+ {os.path.basename(path)}.json)')
+  print(exports.describe(paths))
 
 
 def run() -> None:

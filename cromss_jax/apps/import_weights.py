@@ -15,7 +15,6 @@ the source file and its sha256.
 """
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 from absl import flags
@@ -35,15 +34,11 @@ _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export d
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if not _CHECKPOINT.value or not _OUT.value:
-    raise cli.UserError('--checkpoint and --out are required')
+  cli.check_command_line(argv, checkpoint=_CHECKPOINT.value, out=_OUT.value)
   logs.quiet_libraries()
   paths = torch_weights.import_checkpoint(_CHECKPOINT.value, _OUT.value, prefix=_PREFIX.value,
                                           overwrite=_OVERWRITE.value, fmt=_FORMAT.value)
-  for name, path in paths.items():
-    print(f'{name}: {path}  (+ {os.path.basename(path)}.json)')
+  print(exports.describe(paths))
 
 
 def run() -> None:

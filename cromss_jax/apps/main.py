@@ -57,11 +57,7 @@ def initialise_distributed() -> None:
 
 
 def main(argv: Sequence[str]) -> None:
-  if len(argv) > 1:
-    raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
-  if _CONFIG.value is None or not _WORKDIR.value:
-    raise cli.UserError('--config and --workdir are required, e.g. '
-                        '--config=configs/pretrain.py --workdir=runs/cromss')
+  cli.check_command_line(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
   logs.quiet_libraries()
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep accelerators for JAX
