@@ -268,7 +268,7 @@ def test_s2_as_band_files_vrt_and_l2a(tmp_path):
     f = constants.S2_RESOLUTION_M[i] // 10
     data = scene[i].reshape(height // f, f, width // f, f).mean((1, 3)).astype(np.uint16)
     write_tif(native / f'{band}.tif', data[None],
-              transform=UTM_T * Affine.scale(f))
+              transform=UTM_T @ Affine.scale(f))
   agreement = np.mean(classes(str(native)) == reference)
   assert agreement > 0.8, agreement
 

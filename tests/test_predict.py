@@ -431,7 +431,7 @@ def test_readme_commands_as_written(tmp_path):
     data = scene[i, :90 // f * f, :126 // f * f]
     data = data.reshape(90 // f, f, 126 // f, f).mean((1, 3)).astype(np.uint16)
     _write_tif(bands / f'B{band[1:].zfill(2)}.tif', data[None],
-               transform=TRANSFORM * Affine.scale(f))
+               transform=TRANSFORM @ Affine.scale(f))
   os.makedirs(tmp_path / 'runs')
   os.rename(_transfer_workdir(str(tmp_path), _s2_scene(seed=2)),
             tmp_path / 'runs' / 'dfc_s2_pspnet_frozen')
