@@ -307,10 +307,18 @@ def _check_cross_rules(config: ml_collections.ConfigDict) -> None:
                         f'config.objective.num_classes={num_classes}; give one name per class.')
 
 
+# Keys of the objective beyond its published contract (docs/METHOD.md §4.13): an objective
+# section without them (built by hand from the contract's list) uses the method's values,
+# objective.PRIOR_SIGMA / PRIOR_TRUNCATE (the values configs/pretrain.py sets).
+OBJECTIVE_EXTENSION_KEYS = ('objective.prior_sigma', 'objective.prior_truncate')
+
+
 def validate_objective_config(objective: ml_collections.ConfigDict) -> None:
   """Checks the `objective` section alone (used by the objective's own entry points)."""
   root = ml_collections.ConfigDict({'objective': objective})
   for path in RULES:
+    if path in OBJECTIVE_EXTENSION_KEYS:
+      continue
     if path.startswith('objective.') and path[len('objective.'):] not in objective:
       raise ConfigError(f'config.{path} is missing; expected {RULES[path][1]}.')
   _check_rules(root)

@@ -31,6 +31,11 @@ import ml_collections
 
 from cromss_jax.config_validation import validate_objective_config
 
+# The prior's Gaussian (docs/METHOD.md §4.12); configs/pretrain.py sets the same values as
+# objective.prior_sigma / prior_truncate, which an objective section may leave out.
+PRIOR_SIGMA = 3.0
+PRIOR_TRUNCATE = 4.0
+
 Array = jax.Array
 _DICE_EPS = 1e-7
 
@@ -355,5 +360,7 @@ def smoothing_prior(season_labels: Array, season: Array,
     maps = spatial if maps is None else (maps + spatial) / 2
   if maps is None:
     raise ValueError(f"prior_type must be 'ts', 't' or 's', got {kind!r}")
-  filtered = gaussian_filter_reflect(maps, cfg.prior_sigma, cfg.prior_truncate)
+  sigma = cfg.prior_sigma if 'prior_sigma' in cfg else PRIOR_SIGMA
+  truncate = cfg.prior_truncate if 'prior_truncate' in cfg else PRIOR_TRUNCATE
+  filtered = gaussian_filter_reflect(maps, sigma, truncate)
   return filtered / jnp.sum(filtered, axis=-1, keepdims=True)

@@ -1,7 +1,4 @@
-"""`python -m cromss_jax.predict`: see `cromss_jax.apps.predict` (the library is `cromss_jax.mapping`,
-whose names stay importable from here for existing callers)."""
-from cromss_jax.mapping import *  # noqa: F401,F403  pylint: disable=wildcard-import
-
+"""`python -m cromss_jax.predict`: the command of `cromss_jax.apps.predict` (kept at this path)."""
 if __name__ == '__main__':
   from absl import flags
   from cromss_jax.apps import predict

@@ -1,4 +1,7 @@
-"""`python -m cromss_jax.study`: see `cromss_jax.apps.study`."""
+"""`python -m cromss_jax.study`: the command of `cromss_jax.apps.study` (kept at this path)."""
 if __name__ == '__main__':
+  from absl import flags
   from cromss_jax.apps import study
+  __doc__ = study.__doc__  # pylint: disable=redefined-builtin  (--help shows the app's usage)
+  flags.adopt_module_key_flags(study)
   study.run()

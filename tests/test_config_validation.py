@@ -236,12 +236,22 @@ def test_a_missing_key_is_rejected_naming_it(path):
     cv.validate_config(config)
 
 
-def test_prior_keys_are_real_keys_of_the_objective_contract():
+def test_prior_keys_are_config_keys_and_optional_in_a_bare_objective_section():
+  """The config files set them; an objective section built from the contract's keys alone
+  (without them) uses the same values."""
+  from cromss_jax import objective as objective_lib
   objective = pretrain_config.get_config().objective
-  assert (objective.prior_sigma, objective.prior_truncate) == (3.0, 4.0)
+  assert (objective.prior_sigma, objective.prior_truncate) == (
+      objective_lib.PRIOR_SIGMA, objective_lib.PRIOR_TRUNCATE) == (3.0, 4.0)
   cv.validate_objective_config(objective)
-  del objective['prior_sigma']
-  with pytest.raises(cv.ConfigError, match=r'config\.objective\.prior_sigma is missing'):
+  labels = np.random.default_rng(0).integers(0, 9, (1, 4, 32, 32))
+  season = np.zeros((1,), np.int32)
+  full = objective_lib.smoothing_prior(labels, season, objective)
+  del objective['prior_sigma'], objective['prior_truncate']
+  cv.validate_objective_config(objective)
+  np.testing.assert_array_equal(objective_lib.smoothing_prior(labels, season, objective), full)
+  objective.prior_sigma = 0.0
+  with pytest.raises(cv.ConfigError, match=r'config\.objective\.prior_sigma=0\.0'):
     cv.validate_objective_config(objective)
 
 

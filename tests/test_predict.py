@@ -29,7 +29,7 @@ from cromss_jax import checkpointing
 from cromss_jax import constants
 from cromss_jax import exports
 from cromss_jax import models
-from cromss_jax import predict
+from cromss_jax import mapping
 from cromss_jax.models import decoders
 
 H, W = 200, 300
@@ -83,7 +83,7 @@ def _toy_predictor(kernel: int, subset=constants.S2_BAND_SUBSETS[13], uses_s1=Fa
   net = _Net(kernel)
   variables = net.init(jax.random.PRNGKey(kernel), jnp.zeros((1, 8, 8, len(subset))))
   apply = jax.jit(lambda v, s2: jax.nn.softmax(net.apply(v, s2.astype(jnp.float32) / 255.0)))
-  predictor = predict.Predictor(
+  predictor = mapping.Predictor(
       probs_fn=lambda inputs: apply(variables, inputs['s2']),
       class_names=tuple(f'c{i}' for i in range(5)), s2_bands=tuple(subset), uses_s1=uses_s1,
       description=f'toy {kernel}x{kernel}')
@@ -110,7 +110,7 @@ def test_per_pixel_model_blends_to_the_untiled_map_everywhere(tmp_path):
   s2 = _write_tif(tmp_path / 's2.tif', scene)
   predictor, untiled_fn = _toy_predictor(kernel=1)
   out = str(tmp_path / 'map.tif')
-  summary = predict.predict_scene(predictor, out, s2_path=s2, window=64, overlap=24, batch=5,
+  summary = mapping.predict_scene(predictor, out, s2_path=s2, window=64, overlap=24, batch=5,
                                   confidence=True, progress=False)
   classes, confidence = _check_georeferencing(out, bands=2)
   probs = untiled_fn(_normalised(scene, range(13)))
@@ -130,11 +130,11 @@ def test_per_pixel_model_blends_to_the_untiled_map_everywhere(tmp_path):
   subset = constants.S2_BAND_SUBSETS[9]
   predictor9, _ = _toy_predictor(kernel=1, subset=subset)
   full = str(tmp_path / 'from13.tif')
-  predict.predict_scene(predictor9, full, s2_path=s2, window=64, overlap=0, batch=8,
+  mapping.predict_scene(predictor9, full, s2_path=s2, window=64, overlap=0, batch=8,
                         progress=False)
   nine = _write_tif(tmp_path / 's2_9.tif', scene[list(subset)])
   part = str(tmp_path / 'from9.tif')
-  predict.predict_scene(predictor9, part, s2_path=nine, window=64, overlap=0, batch=8,
+  mapping.predict_scene(predictor9, part, s2_path=nine, window=64, overlap=0, batch=8,
                         progress=False)
   np.testing.assert_array_equal(_read(full)[0], _read(part)[0])
 
@@ -145,7 +145,7 @@ def test_local_model_without_overlap_is_exact_away_from_window_edges(tmp_path):
   s2 = _write_tif(tmp_path / 's2.tif', scene)
   predictor, untiled_fn = _toy_predictor(kernel=3)
   out = str(tmp_path / 'map.tif')
-  predict.predict_scene(predictor, out, s2_path=s2, window=64, overlap=0, batch=4,
+  mapping.predict_scene(predictor, out, s2_path=s2, window=64, overlap=0, batch=4,
                         confidence=True, progress=False)
   classes, confidence = _check_georeferencing(out, bands=2)
   probs = untiled_fn(_normalised(scene, range(13)))
@@ -212,10 +212,10 @@ def _transfer_workdir(root, scene, decoder='pspnet') -> str:
 def test_transfer_workdir_model_on_an_odd_sized_scene(tmp_path):
   scene = _s2_scene(seed=2)
   s2 = _write_tif(tmp_path / 's2.tif', scene)
-  predictor = predict.load_predictor(_transfer_workdir(str(tmp_path), scene))
+  predictor = mapping.load_predictor(_transfer_workdir(str(tmp_path), scene))
   assert predictor.class_names == constants.DFC_DW8_CLASSES
   out = str(tmp_path / 'map.tif')
-  predict.predict_scene(predictor, out, s2_path=s2, window=64, overlap=16, batch=8,
+  mapping.predict_scene(predictor, out, s2_path=s2, window=64, overlap=16, batch=8,
                         progress=False)
   (classes,) = _check_georeferencing(out, bands=1)
   invalid = np.zeros((H, W), bool)
@@ -239,7 +239,7 @@ def test_transfer_workdir_model_on_an_odd_sized_scene(tmp_path):
   # Where one window is the whole scene, tiled and untiled are the same computation: exact.
   crop = scene[:, :64, :64]
   small = str(tmp_path / 'small.tif')
-  predict.predict_scene(predictor, small, s2_path=_write_tif(tmp_path / 's2_64.tif', crop),
+  mapping.predict_scene(predictor, small, s2_path=_write_tif(tmp_path / 's2_64.tif', crop),
                         window=64, overlap=0, batch=8, confidence=True, progress=False)
   with rasterio.open(small) as src:
     classes, confidence = src.read()
@@ -277,12 +277,12 @@ def test_pretrain_export_with_both_sensors(tmp_path):
   s1_data = np.random.default_rng(5).normal(-15, 4, (2, height, width)).astype(np.float32)
   s1_data[0, 0, :5] = np.nan                          # swath border: mapped to 0, still valid
   s1 = _write_tif(tmp_path / 's1.tif', s1_data)
-  predictor = predict.load_predictor(_pretrain_export(str(tmp_path)), with_s1=True)
+  predictor = mapping.load_predictor(_pretrain_export(str(tmp_path)), with_s1=True)
   assert predictor.uses_s1 and predictor.class_names == constants.DW_CLASSES
   assert predictor.normalisation == {'s2': (constants.S2_MEAN, constants.S2_STD),
                                      's1': (constants.S1_MEAN, constants.S1_STD)}
   out = str(tmp_path / 'map.tif')
-  summary = predict.predict_scene(predictor, out, s2_path=s2, s1_path=s1, window=64, overlap=0,
+  summary = mapping.predict_scene(predictor, out, s2_path=s2, s1_path=s1, window=64, overlap=0,
                                   batch=2, progress=False)
   with rasterio.open(out) as src:
     classes = src.read(1)
@@ -303,50 +303,50 @@ def test_clear_errors(tmp_path):
   def run(**kwargs):
     args = dict(s2_path=s2, s1_path=good_s1, window=64, overlap=0, batch=4, progress=False)
     args.update(kwargs)
-    predict.predict_scene(predictor, out, **args)
+    mapping.predict_scene(predictor, out, **args)
 
   bad_bands = _write_tif(tmp_path / 'five.tif', scene[:5])
-  with pytest.raises(predict.PredictionError, match=r'five\.tif has 5 bands; an S2 input needs 13'):
+  with pytest.raises(mapping.PredictionError, match=r'five\.tif has 5 bands; an S2 input needs 13'):
     run(s2_path=bad_bands)
-  with pytest.raises(predict.PredictionError, match=r's1_3\.tif has 3 bands'):
+  with pytest.raises(mapping.PredictionError, match=r's1_3\.tif has 3 bands'):
     run(s1_path=_write_tif(tmp_path / 's1_3.tif', np.zeros((3, H, W), np.float32)))
   # S1 on another grid is reprojected onto the S2 grid; refused only when they do not overlap.
   far = Affine(10.0, 0.0, 900_000.0, 0.0, -10.0, 6_000_000.0)
-  with pytest.raises(predict.PredictionError, match='does not overlap'):
+  with pytest.raises(mapping.PredictionError, match='does not overlap'):
     run(s1_path=_write_tif(tmp_path / 'far.tif', s1, transform=far))
-  with pytest.raises(predict.PredictionError, match='does not overlap'):
+  with pytest.raises(mapping.PredictionError, match='does not overlap'):
     run(s1_path=_write_tif(tmp_path / 'crs.tif', s1, crs=CRS.from_epsg(32610)))
-  with pytest.raises(predict.PredictionError, match='no CRS to reproject by'):
+  with pytest.raises(mapping.PredictionError, match='no CRS to reproject by'):
     with rasterio.open(tmp_path / 'nocrs.tif', 'w', driver='GTiff', height=H, width=W,
                        count=2, dtype='float32') as dst:
       dst.write(s1)
     run(s1_path=str(tmp_path / 'nocrs.tif'))
   garbage = tmp_path / 'garbage.tif'
   garbage.write_bytes(b'not a tiff at all')
-  with pytest.raises(predict.PredictionError, match='garbage.tif cannot be read'):
+  with pytest.raises(mapping.PredictionError, match='garbage.tif cannot be read'):
     run(s2_path=str(garbage))
-  with pytest.raises(predict.PredictionError, match='does not exist'):
+  with pytest.raises(mapping.PredictionError, match='does not exist'):
     run(s2_path=str(tmp_path / 'missing.tif'))
-  with pytest.raises(predict.PredictionError, match='give --s1'):
+  with pytest.raises(mapping.PredictionError, match='give --s1'):
     run(s1_path=None)
-  with pytest.raises(predict.PredictionError, match='multiple of 32'):
+  with pytest.raises(mapping.PredictionError, match='multiple of 32'):
     run(window=100)
-  with pytest.raises(predict.PredictionError, match='neither a transfer workdir'):
-    predict.load_predictor(str(tmp_path))
+  with pytest.raises(mapping.PredictionError, match='neither a transfer workdir'):
+    mapping.load_predictor(str(tmp_path))
   assert not os.path.exists(out)
 
 
 def test_window_grid_covers_scene_and_taper_is_complementary():
   for size, window, overlap in ((200, 64, 24), (300, 64, 0), (20, 64, 16), (64, 64, 32)):
-    grid = predict.WindowGrid.create(size, size, window, overlap)
+    grid = mapping.WindowGrid.create(size, size, window, overlap)
     assert grid.padded_height >= size + grid.margin
     assert grid.padded_height == (grid.rows - 1) * grid.stride + window
-  t = predict.taper(64, 24)
+  t = mapping.taper(64, 24)
   np.testing.assert_allclose(t[40:] + t[:24], 1.0, atol=1e-6)   # neighbours add up to 1
   assert t.min() > 0
-  np.testing.assert_array_equal(predict.reflect_indices(-3, 10, 5),
+  np.testing.assert_array_equal(mapping.reflect_indices(-3, 10, 5),
                                 np.pad(np.arange(5), (3, 2), mode='reflect')[:10])
-  np.testing.assert_array_equal(predict.reflect_indices(-20, 50, 4),
+  np.testing.assert_array_equal(mapping.reflect_indices(-20, 50, 4),
                                 np.pad(np.arange(4), (20, 26), mode='reflect')[:50])
 
 

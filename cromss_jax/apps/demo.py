@@ -116,11 +116,11 @@ def transfer_all(paths: dict[str, str], dfc_dir: str, out: str) -> dict[str, str
 
 def map_scene(paths: dict[str, str], raw: str, out: str) -> dict[str, str]:
   """Dynamic World map of the generated scene with the pretraining network (both sensors)."""
-  from cromss_jax import predict
+  from cromss_jax import mapping
   scene = os.path.join(raw, 'scene')
   map_path = os.path.join(out, 'map.tif')
-  predictor = predict.load_predictor(paths['pretrain_model'], with_s1=True)
-  predict.predict_scene(predictor, map_path, s2_path=os.path.join(scene, 's2.tif'),
+  predictor = mapping.load_predictor(paths['pretrain_model'], with_s1=True)
+  mapping.predict_scene(predictor, map_path, s2_path=os.path.join(scene, 's2.tif'),
                         s1_path=os.path.join(scene, 's1.tif'), window=128, overlap=32,
                         batch=8, confidence=True)
   return {'land-cover map (GeoTIFF, DW classes + confidence)': map_path}
