@@ -1,4 +1,4 @@
-"""Transfer of one pretrained encoder to DFC2020 segmentation (SPEC §6 defaults).
+"""Transfer of one pretrained encoder to DFC2020 segmentation (docs/METHOD.md §6 defaults).
 
 Run:  python -m cromss_jax.main --config=configs/transfer.py --workdir=DIR \
           --config.transfer.encoder_path=EXPORT/encoder_s2 \
@@ -78,15 +78,15 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.rotation_prob = 0.2
 
   config.model.encoder = 'resnet50'  # must be the pretrained encoder's
-  config.objective.num_classes = 8   # DW-ordered DFC2020 classes (SPEC §2.4)
-  config.objective.seg_losses = ('ce', 'dice')   # over labelled pixels (SPEC §6)
+  config.objective.num_classes = 8   # DW-ordered DFC2020 classes (docs/METHOD.md §2.4)
+  config.objective.seg_losses = ('ce', 'dice')   # over labelled pixels (docs/METHOD.md §6)
 
-  # SPEC §6: Adam 5e-4 without weight decay, cosine schedule.
+  # docs/METHOD.md §6: Adam 5e-4 without weight decay, cosine schedule.
   config.optimizer.learning_rate = 5e-4
   config.optimizer.weight_decay = 0.0
   config.schedule.name = 'cosine'
 
-  # SPEC §6: 50 epochs of batch 32; no pretraining panel.
+  # docs/METHOD.md §6: 50 epochs of batch 32; no pretraining panel.
   training = config.training
   training.num_epochs = 50
   training.global_batch_size = 32

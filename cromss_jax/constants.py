@@ -1,4 +1,4 @@
-"""Sensor bands, normalisation statistics and class tables of SPEC §2 (one place for all)."""
+"""Sensor bands, normalisation statistics and class tables of docs/METHOD.md §2 (one place for all)."""
 from __future__ import annotations
 
 import numpy as np
@@ -7,7 +7,7 @@ S1_BANDS = ('VV', 'VH')
 S1_MEAN = (-12.54847273, -20.19237134)
 S1_STD = (5.25697717, 5.91150917)
 
-# Sentinel-2 L1C, the 13 bands in SPEC order, with their native ground sampling distance (m).
+# Sentinel-2 L1C, the 13 bands in the order of docs/METHOD.md §2.1, with their native ground sampling distance (m).
 S2_BANDS = ('B1', 'B2', 'B3', 'B4', 'B5', 'B6', 'B7', 'B8', 'B8A', 'B9', 'B10', 'B11', 'B12')
 S2_RESOLUTION_M = (60, 10, 10, 10, 20, 20, 20, 10, 20, 60, 60, 20, 20)
 S2_MEAN = (1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991,
@@ -46,7 +46,7 @@ S2_PRODUCTS = {
 # before normalising so that old and new scenes share one scale.
 S2_BASELINE_04_OFFSET_DN = 1000
 
-# Indices into S2_BANDS for each supported band subset (SPEC §2.1).
+# Indices into S2_BANDS for each supported band subset (docs/METHOD.md §2.1).
 S2_BAND_SUBSETS = {
     13: tuple(range(13)),
     12: (0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 11, 12),
@@ -65,7 +65,7 @@ DW_PALETTE = ((65, 155, 223), (57, 125, 73), (136, 176, 83), (122, 135, 198), (2
               (223, 195, 90), (196, 40, 27), (165, 155, 143), (179, 159, 225))
 
 IGNORE_LABEL = 255
-# DFC2020 class codes 1..10 -> DW-ordered 8 classes (SPEC §2.4); 3 (savanna), 8 (snow) ignored.
+# DFC2020 class codes 1..10 -> DW-ordered 8 classes (docs/METHOD.md §2.4); 3 (savanna), 8 (snow) ignored.
 DFC_TO_DW8 = {1: 1, 2: 5, 4: 2, 5: 3, 6: 4, 7: 6, 9: 7, 10: 0}
 DFC_DW8_CLASSES = ('Water', 'Trees', 'Grass', 'Flooded vegetation', 'Crops', 'Shrub & scrub',
                    'Built area', 'Bare ground')
@@ -80,7 +80,7 @@ def dfc_lookup_table() -> np.ndarray:
 
 
 def normalise_to_uint8(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
-  """SPEC §2.2: clip((x - (m - 2s)) / 4s, 0, 1) * 255, rounded; bands on the last axis.
+  """docs/METHOD.md §2.2: clip((x - (m - 2s)) / 4s, 0, 1) * 255, rounded; bands on the last axis.
 
   Returns the uint8 array and the number of non-finite input values (stored as 0).
   """

@@ -1,4 +1,4 @@
-"""Segmentation metrics from one accumulated confusion matrix (SPEC §6).
+"""Segmentation metrics from one accumulated confusion matrix (docs/METHOD.md §6).
 
 The matrix is accumulated on the device over the whole split (rows = reference, columns =
 prediction) and the scores are computed once from it, as the paper does: OA, AA (mean per-class

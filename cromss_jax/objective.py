@@ -1,4 +1,4 @@
-"""The CromSS objective (SPEC §4): pure JAX math on arrays, jit-able, epoch may be traced.
+"""The CromSS objective (docs/METHOD.md §4): pure JAX math on arrays, jit-able, epoch may be traced.
 
 Per pixel, each modality's prediction confidence decides how much the other branch imitates it
 (consistency weights), and its confidence in the noisy label decides how much that label is
@@ -9,7 +9,8 @@ stop-gradient.
 Shapes: logits [B, H, W, C] (any float dtype, computed in float32), labels [B, H, W] int,
 prior [B, H, W, C] float or None. `cfg` is `configs/pretrain.py:get_config().objective`.
 
-Where the published PyTorch code and SPEC differ, SPEC wins and the difference is noted here:
+Where this implementation deliberately differs from the published PyTorch code, the
+difference is noted here (see also README, "Differences from the original PyTorch code"):
   * entropy confidence uses 0 log 0 = 0 (the reference turns the NaN it gets into a confidence
     of 0 for that pixel);
   * a weight sum of 0 gives a segmentation CE term of 0 (the reference divides by zero);
@@ -41,7 +42,7 @@ _DICE_EPS = 1e-7
 
 
 # --------------------------------------------------------------------------------------------
-# Confidences (SPEC §4.1-4.2)
+# Confidences (docs/METHOD.md §4.1-4.2)
 # --------------------------------------------------------------------------------------------
 def prediction_confidence(probs: Array, kind: str) -> Array:
   """Per-pixel confidence in [0, 1] from class probabilities [..., C]."""
@@ -68,7 +69,7 @@ def entangle(conf_s1: Array, conf_s2: Array) -> tuple[Array, Array]:
 
 
 # --------------------------------------------------------------------------------------------
-# Schedules (SPEC §4.3-4.5)
+# Schedules (docs/METHOD.md §4.3-4.5)
 # --------------------------------------------------------------------------------------------
 def ramp(epoch: Array | float, kind: str, length: int) -> Array:
   """r(e) in [0, 1]; `epoch` may be a traced scalar."""
@@ -106,7 +107,7 @@ def consistency_weights(conf: Array, epoch: Array | float,
 
 def label_selection_weights(conf: Array, labels: Array, keep: Array,
                             num_classes: int) -> Array:
-  """Class-balanced soft selection of trusted labels (SPEC §4.4).
+  """Class-balanced soft selection of trusted labels (docs/METHOD.md §4.4).
 
   For each class c in the batch, m = floor(n_c k) and t = the m-th largest confidence among its
   pixels; a pixel's weight is min(l'/t, 1) (1 if t = 0), and 0 for classes with m = 0.
@@ -136,7 +137,7 @@ def label_selection_weights(conf: Array, labels: Array, keep: Array,
 
 
 # --------------------------------------------------------------------------------------------
-# Targets and losses (SPEC §4.6-4.9)
+# Targets and losses (docs/METHOD.md §4.6-4.9)
 # --------------------------------------------------------------------------------------------
 def smoothed_targets(labels: Array, prior: Array | None,
                      cfg: ml_collections.ConfigDict) -> Array:
@@ -222,7 +223,7 @@ def consistency_loss(student_logits: Array, teacher_logits: Array, teacher_weigh
 
 
 # --------------------------------------------------------------------------------------------
-# The total (SPEC §4.9-4.10) and the validation loss
+# The total (docs/METHOD.md §4.9-4.10) and the validation loss
 # --------------------------------------------------------------------------------------------
 def _check_inputs(logits_s1: Array, logits_s2: Array, labels: Array,
                   cfg: ml_collections.ConfigDict) -> None:
@@ -306,7 +307,7 @@ def validation_loss(logits_s1: Array, logits_s2: Array, labels: Array,
 
 
 # --------------------------------------------------------------------------------------------
-# Spatial-temporal smoothing prior (SPEC §4 "Spatial-temporal prior P")
+# Spatial-temporal smoothing prior (docs/METHOD.md §4 "Spatial-temporal prior P")
 # --------------------------------------------------------------------------------------------
 def gaussian_kernel1d(sigma: float, truncate: float) -> Array:
   """Normalised 1-D Gaussian taps, radius int(truncate * sigma + 0.5) as scipy.ndimage."""

@@ -4,7 +4,7 @@
 
 Reads `<root>/<split>/{s1,s2,dfc}_<split>/ROIs0000_<split>_{s1,s2,dfc}_0_p<i>.tif` for the splits
 `validation` and `test`. One example per patch (docs/DESIGN.md): `s1` uint8 [256,256,2],
-`s2` uint8 [256,256,13] (SPEC §2.2 normalisation), `label` uint8 [256,256] in the DW-ordered
+`s2` uint8 [256,256,13] (docs/METHOD.md §2.2 normalisation), `label` uint8 [256,256] in the DW-ordered
 8 classes (DFC 3 savanna and 8 snow -> 255 = ignore), `patch_id` = `ROIs0000_<split>_0_p<i>`.
 Patches are ordered by their number; the S2 file is the reference grid for the other two.
 

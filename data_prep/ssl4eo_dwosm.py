@@ -34,7 +34,7 @@ Normalisation (differs from the pretraining records): the tiles are raw L1C / dB
 the CromSS DW/OSM reader normalises them per band on reading with the same statistics and
 mean +- 2 std window as the pretraining set (constants.S2_MEAN/S2_STD, S1_MEAN/S1_STD), but
 truncates to uint8 (`astype(uint8)` after scaling to [0, 255] in float32) where the pretraining
-records (SPEC §2.2, `constants.normalise_to_uint8`) round. `--quantise floor` (default)
+records (docs/METHOD.md §2.2, `constants.normalise_to_uint8`) round. `--quantise floor` (default)
 reproduces the reference's bytes; `--quantise round` gives the pretraining records' rounding.
 S1 NaN/inf become 0 and are counted (the reference leaves that cast undefined). As in the
 reference, no processing-baseline DN offset is removed from S2.

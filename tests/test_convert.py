@@ -1,6 +1,6 @@
 """Converters (data_prep.ssl4eo, data_prep.dfc2020) on tiny GeoTIFF fixtures written here.
 
-Expected values are recomputed in the test from rasterio reads and the SPEC §2.2 formula, not
+Expected values are recomputed in the test from rasterio reads and the docs/METHOD.md §2.2 formula, not
 with the converters' own helpers.
 """
 import csv
@@ -30,7 +30,7 @@ CRS = 'EPSG:32632'
 
 
 def _expected_uint8(x, mean, std):
-  """SPEC §2.2 written out independently: NaN/inf -> 0."""
+  """docs/METHOD.md §2.2 written out independently: NaN/inf -> 0."""
   x = np.asarray(x, np.float64)
   lo, span = mean - 2 * std, 4 * std
   v = np.round(np.clip((np.nan_to_num(x, nan=lo, posinf=lo, neginf=lo) - lo) / span, 0, 1) * 255)

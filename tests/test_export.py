@@ -62,7 +62,7 @@ def test_export_cli_writes_encoders_and_model_with_metadata(exported):
     assert info['source_step'] == exported['step'] == helpers.TOTAL_STEPS
     assert info['epoch'] == helpers.NUM_EPOCHS
     assert info['config']['objective']['keep_ratio'] == 0.3
-  # Bands in SPEC order, with the normalisation the records were made with.
+  # Bands in the order of docs/METHOD.md §2.1, with the normalisation the records were made with.
   assert s1['bands'] == ['VV', 'VH']
   np.testing.assert_allclose(s1['mean'], constants.S1_MEAN)
   np.testing.assert_allclose(s1['std'], constants.S1_STD)

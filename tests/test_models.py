@@ -1,4 +1,4 @@
-"""Tests of cromss_jax.models: the SPEC §3 architecture figures, dtype policy, init, transfer.
+"""Tests of cromss_jax.models: the docs/METHOD.md §3 architecture figures, dtype policy, init, transfer.
 
 Shape and count checks use jax.eval_shape (no compute); real forward passes are ResNet-18 at
 64x64, batch 2, compiled once per mode and shared through module-scoped fixtures.
@@ -28,7 +28,7 @@ NUM_CLASSES = 9
 PYRAMID_CHANNELS = {18: (64, 64, 128, 256, 512), 34: (64, 64, 128, 256, 512),
                     50: (64, 256, 512, 1024, 2048)}
 # (encoder, fusion) -> trainable parameters with 13-band S2, 2-band S1, 9 classes.
-# ResNet-50 figures are the paper's (SPEC §3); ResNet-18 ones were given with the issue;
+# ResNet-50 figures are the paper's (docs/METHOD.md §3); ResNet-18 ones were given with the issue;
 # ResNet-34 follows from torchvision's layer sizes.
 PARAM_COUNTS = {
     ('resnet50', 'mid'): 56_058_521,

@@ -1,6 +1,6 @@
-"""Acceptance tests of the CromSS objective (SPEC §4) against an independent float64 NumPy reference.
+"""Acceptance tests of the CromSS objective (docs/METHOD.md §4) against an independent float64 NumPy reference.
 
-The reference below is written from SPEC §4 (and, where SPEC is silent, from the semantics of the
+The reference below is written from docs/METHOD.md §4 (and, where it is silent, from the semantics of the
 published PyTorch implementation); it never calls the code under test.
 """
 from __future__ import annotations
@@ -24,7 +24,7 @@ WEIGHT_KEYS = ('seg_weights_s1', 'seg_weights_s2', 'cons_weights_s1', 'cons_weig
 
 
 # ==============================================================================================
-# Independent float64 reference (SPEC §4)
+# Independent float64 reference (docs/METHOD.md §4)
 # ==============================================================================================
 def _log_softmax(z):
   z = np.asarray(z, np.float64)
@@ -154,7 +154,7 @@ def ref_consistency(z_student, teacher_probs, weights, kind):
 
 
 def ref_weights(z1, z2, labels, epoch, cfg):
-  """(seg_w1, seg_w2, cons_w1, cons_w2) exactly as SPEC §4.1-4.5 / §4.10."""
+  """(seg_w1, seg_w2, cons_w1, cons_w2) exactly as docs/METHOD.md §4.1-4.5 / §4.10."""
   p1, p2 = _softmax(z1), _softmax(z2)
   if not cfg.sample_selection:
     ones = np.ones(labels.shape)
@@ -357,7 +357,7 @@ def test_reference_is_sensitive():
 
 
 def test_weight_semantics_spot_checks():
-  """Properties that follow directly from SPEC §4, independent of the reference code."""
+  """Properties that follow directly from docs/METHOD.md §4, independent of the reference code."""
   cfg = obj_cfg()
   z1, z2, labels, prior = make_inputs(seed=5)
   _, aux = run_impl(z1, z2, labels, prior, 120, cfg)

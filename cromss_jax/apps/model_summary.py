@@ -5,7 +5,7 @@
 
 Shapes only (jax.eval_shape): nothing is computed, so this is fast on any machine. The last
 line is always `trainable parameters: N` (BatchNorm running statistics not counted), to compare
-with SPEC §3.
+with docs/METHOD.md §3.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Flax models of CromSS (SPEC §3): ResNet encoders, U-Net decoder, mid/late fusion networks."""
+"""Flax models of CromSS (docs/METHOD.md §3): ResNet encoders, U-Net decoder, mid/late fusion networks."""
 from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretrain_model,
                                       compute_dtype, extract_encoder, insert_encoder)
 from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels

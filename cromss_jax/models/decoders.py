@@ -1,4 +1,4 @@
-"""Transfer decoders (SPEC §6) on a ResNet feature pyramid, and the transfer network.
+"""Transfer decoders (docs/METHOD.md §6) on a ResNet feature pyramid, and the transfer network.
 
 The published transfer experiments used segmentation_models_pytorch (smp) with its default
 settings; each decoder here keeps those defaults so that results stay comparable:

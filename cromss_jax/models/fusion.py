@@ -1,4 +1,4 @@
-"""Two-sensor CromSS networks (SPEC §3) and moving encoders in and out of their variables.
+"""Two-sensor CromSS networks (docs/METHOD.md §3) and moving encoders in and out of their variables.
 
 Middle fusion: an S1 and an S2 encoder share ONE U-Net decoder + head, applied to each branch
 separately. Late fusion: two complete U-Nets. Either way the model returns (logits_s1,
@@ -102,7 +102,7 @@ def compute_dtype(name: str) -> Dtype:
 
 def build_pretrain_model(model_cfg: Mapping[str, Any], num_classes: int,
                          s2_channels: int) -> nn.Module:
-  """The CromSS pretraining network described by `config.model` (SPEC §3).
+  """The CromSS pretraining network described by `config.model` (docs/METHOD.md §3).
 
   Parameters are always float32; `model_cfg.compute_dtype` sets the compute dtype. Logits are
   float32.

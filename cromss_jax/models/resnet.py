@@ -1,7 +1,7 @@
 """ResNet-18/34/50 encoders (torchvision v1.5 layout) returning a 5-level feature pyramid.
 
 The layout follows torchvision's ResNet as wrapped by segmentation_models_pytorch, which the
-published CromSS code used, so parameter counts match the paper (SPEC §3) and torchvision weights
+published CromSS code used, so parameter counts match the paper (docs/METHOD.md §3) and torchvision weights
 could be ported by renaming alone. Layout is NHWC; the input may have any number of channels.
 
 BatchNorm note: under `jax.jit` with the batch sharded over a device mesh, the batch statistics

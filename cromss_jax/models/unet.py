@@ -2,7 +2,7 @@
 
 The published CromSS code used smp's Unet, so the block structure (nearest x2 upsampling, skip
 concatenation, two 3x3 conv + BN + ReLU, identity centre, 3x3 head with bias) is kept exactly:
-this is what makes the parameter counts of SPEC §3 come out.
+this is what makes the parameter counts of docs/METHOD.md §3 come out.
 """
 from __future__ import annotations
 
