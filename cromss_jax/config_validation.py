@@ -113,7 +113,6 @@ RULES: dict[str, Rule] = {
     'data.rotation_prob': _number(0, 1),
     'data.image_interpolation': _one_of('bilinear', 'nearest'),
     'data.augment_on': _one_of('device', 'host'),
-    'data.augment_on': _one_of('device', 'host'),
     'data.shuffle_buffer': _POSITIVE_INT,
     'data.num_parallel_calls': _number(1, integer=True, also=-1),
     'data.prefetch': _number(0, integer=True, also=-1),
