@@ -58,6 +58,7 @@ import multiprocessing
 import os
 import re
 import signal
+import sys
 import time
 import traceback
 from typing import Any, Callable, Mapping, Sequence
@@ -678,8 +679,10 @@ def _worker_main(conn: Any, converter: Converter, out_dir: str, strict: bool) ->
   """A pool process: builds the shards it is sent over `conn`, reporting each result.
 
   One pipe per worker (no shared queue or lock), so a worker killed at any moment cannot leave
-  anything locked: the driver sees its pipe close and its process end.
+  anything locked: the driver sees its pipe close and its process end. Ctrl-C is the driver's
+  to handle (it stops the workers), so a terminal's SIGINT to the whole group is ignored here.
   """
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   try:
     _init_worker(converter, out_dir, strict, lambda: conn.send(('tick',)))
   except BaseException as err:  # pylint: disable=broad-except
@@ -1180,6 +1183,7 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
 # Command line.
 
 _CLI_OPTIONS: dict[str, Any] = {}  # Shared options a converter's run() need not pass on.
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, the shell's convention for Ctrl-C.
 
 
 def _positive_int(text: str) -> int:
@@ -1274,7 +1278,8 @@ def cli_entry(run: Callable[[argparse.Namespace], dict[str, Any]],
               build_parser: Callable[[], argparse.ArgumentParser]):
   """The two entry points of a converter module: `main(argv)` for scripts and tests (returns the
   summary; a user error raises SystemExit('error: ...')), and `entry()` for `python -m`
-  (parses sys.argv, logs to stderr; a user error prints one line `error: ...`, exit status 1).
+  (parses sys.argv, logs to stderr; a user error prints one line `error: ...`, exit status 1;
+  Ctrl-C exits with status 130 after stopping the workers).
   """
 
   def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -1289,6 +1294,11 @@ def cli_entry(run: Callable[[argparse.Namespace], dict[str, Any]],
     args = build_parser().parse_args()  # --help and usage errors: argparse's own exit status 2
     logging.use_absl_handler()
     logging.set_verbosity(logging.INFO)
-    cli.guarded(cli_main)(run, args)
+    try:
+      cli.guarded(cli_main)(run, args)
+    except KeyboardInterrupt:
+      print('interrupted: the shards done so far are kept; rerun the same command to resume',
+            file=sys.stderr, flush=True)
+      raise SystemExit(EXIT_INTERRUPTED) from None
 
   return main, entry

@@ -153,6 +153,31 @@ def test_killed_worker_shard_is_retried_and_the_run_finishes(demo, tmp_path):
     assert json.load(f)['total']['converted'] == 16
 
 
+@pytest.mark.slow
+def test_ctrl_c_stops_workers_and_the_rerun_resumes(demo, tmp_path):
+  out = tmp_path / 'out'
+  cmd = ['data_prep.dfc2020', '--root', str(demo / 'dfc2020'), '--out', str(out), '--workers',
+         '2', '--examples-per-shard', '4']
+  env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  driver = subprocess.Popen([sys.executable, '-m', *cmd], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    worker = _worker_building_a_shard(out, driver.pid, time.monotonic() + TIMEOUT_S)
+    assert worker is not None, 'no worker was seen building a shard'
+    os.kill(driver.pid, signal.SIGINT)
+    _, stderr = driver.communicate(timeout=TIMEOUT_S)
+  finally:
+    if driver.poll() is None:
+      driver.kill()
+      driver.wait()
+  assert driver.returncode == common.EXIT_INTERRUPTED, stderr[-3000:]
+  assert 'Traceback' not in stderr and 'rerun the same command to resume' in stderr
+  assert not os.path.exists(f'/proc/{worker}')  # The driver stopped (and reaped) it.
+  proc = _run(*cmd)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert _num_examples(out) == ('dfc2020', {'validation': 12, 'test': 4})
+
+
 @dataclasses.dataclass(frozen=True)
 class _ToyConverter(common.Converter):
   """Items are ints; `die_on` kills its own worker, `broken_start` breaks the worker set-up."""
