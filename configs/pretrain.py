@@ -100,6 +100,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.rotation_prob = 0.2      # probability of rotating a sample (the paper's 0.2)
   # Image resampling of the free rotation: 'bilinear' or 'nearest' (labels are always nearest).
   data.image_interpolation = 'bilinear'
+  # Where the training crop, flips and rotation run: 'device' (inside the compiled train step;
+  # the host only reads and batches whole tiles) or 'host' (tf.data, per sample). Both draw
+  # from (seed, step) and resume exactly, but with other random numbers. Pretraining only:
+  # the transfer runs augment on the host whatever this says.
+  data.augment_on = 'device'
   data.shuffle_buffer = 1024    # examples (locations) per host
   data.num_parallel_calls = -1  # parallel element calls; -1 = tf.data.AUTOTUNE
   data.prefetch = 2             # batches prefetched per host; -1 = tf.data.AUTOTUNE

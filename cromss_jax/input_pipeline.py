@@ -19,6 +19,12 @@ Guarantees:
   and `config.data.cache` (which keeps each host's files fixed instead of redrawing them every
   epoch, so the in-memory cache of serialized records can be reused).
 
+Where the augmentation runs: for pretraining with `config.data.augment_on='device'` (the
+default) the train stream only picks the season and yields whole tiles (s1, s2, labels,
+season_labels, clean_labels all uint8, [b, tile, tile, ...]); the compiled train step crops,
+flips and rotates them (cromss_jax/augment.py, the same transforms as below, jax.random draws).
+With 'host', and for the downstream data and every evaluation stream, it happens here.
+
 Augmentation (training only; SPEC §2.3): random season, random crop (centre crop for
 evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
 angle uniform in [-90, 90] degrees, reflect padding, bilinear for images and nearest for labels,
@@ -435,10 +441,27 @@ def _select_bands(s2: tf.Tensor, source: _Source) -> tf.Tensor:
   return tf.concat(runs, axis=-1)
 
 
-def _pretrain_element(source: _Source, aug: _Augment, with_ids: bool
+def _pretrain_element(source: _Source, aug: _Augment, with_ids: bool,
+                      whole_tiles: bool = False
                       ) -> Callable[[dict[str, tf.Tensor], tf.Tensor, bool], dict[str, tf.Tensor]]:
-  """One location -> one sample: a season, its images and all label maps, augmented."""
+  """One location -> one sample: a season, its images and all label maps, augmented.
+
+  With `whole_tiles` a training sample is left whole and uint8 for the train step to augment
+  (augment_on='device'); the season is drawn from the same key either way.
+  """
   seasons = source.num_seasons
+
+  def whole(ex: dict[str, tf.Tensor], season: tf.Tensor) -> dict[str, tf.Tensor]:
+    out = {
+        's1': tf.gather(ex['s1'], season),
+        's2': _select_bands(tf.gather(ex['s2'], season), source),
+        'labels': tf.gather(ex['labels'], season),
+        'season_labels': ex['labels'],
+        'season': season,
+    }
+    if source.has_clean_labels:
+      out['clean_labels'] = tf.gather(ex['clean_labels'], season)
+    return out
 
   def element(ex: dict[str, tf.Tensor], key: tf.Tensor, train: bool) -> dict[str, tf.Tensor]:
     if not train:   # evaluation: a fixed season per location, whatever the sharding
@@ -446,6 +469,11 @@ def _pretrain_element(source: _Source, aug: _Augment, with_ids: bool
     season_key, geometry_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
     season = tf.random.stateless_uniform([], season_key, minval=0, maxval=seasons,
                                          dtype=tf.int32)
+    if train and whole_tiles:
+      out = whole(ex, season)
+      if with_ids:
+        out['location_id'] = ex['location_id']
+      return out
     s1 = tf.gather(ex['s1'], season)
     s2 = _select_bands(tf.gather(ex['s2'], season), source)
     maps = [ex['labels']] + ([ex['clean_labels']] if source.has_clean_labels else [])
@@ -653,11 +681,15 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
                              with_ids: bool = False) -> Iterator[Batch]:
   """Host-local pretraining batches (docs/DESIGN.md 'Batches') of the TFDS `ssl4eo_s12_nol`.
 
+  With config.data.augment_on='device' a training batch holds whole tiles, all uint8, for the
+  train step to augment (cromss_jax/augment.py); with 'host' it is augmented here (crops, int32
+  `labels` / `clean_labels`). Evaluation batches are centre crops either way.
+
   Args:
     config: the pretraining config (`data`, `training.global_batch_size`, `seed`).
     split: TFDS split to read ('train' or 'validation').
-    train: augmented, shuffled and endless (True) or one fixed-order, centre-cropped, padded
-      pass with a `valid` key (False). Defaults to `split == 'train'`.
+    train: augmented (or whole, see above), shuffled and endless (True) or one fixed-order,
+      centre-cropped, padded pass with a `valid` key (False). Defaults to `split == 'train'`.
     start_step: (train) global step of the first batch; resuming at k yields batches k, k+1, ...
       of the run that started at 0.
     num_steps: (train) stop after this many batches; None = endless.
@@ -672,8 +704,11 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
   source = _load_source(config, _PRETRAIN)
   train = split == 'train' if train is None else train
   aug = _augment_config(config)
+  config_validation.validate_keys(config, ('data.augment_on',))
+  element_fn = _pretrain_element(source, aug, with_ids,
+                                 whole_tiles=config.data.augment_on == 'device')
   return _create_iterator(
-      config, source, split, train=train, element_fn=_pretrain_element(source, aug, with_ids),
+      config, source, split, train=train, element_fn=element_fn,
       start_step=start_step, num_steps=num_steps, seed=seed,
       process_index=process_index, process_count=process_count)
 

@@ -130,6 +130,9 @@ def _config(dataset_dir: str, **data):
   config.data.crop_size = CROP
   config.data.shuffle_buffer = 16
   config.training.global_batch_size = 8
+  # Most tests here check the host augmentation; test_device_augmentation_gets_whole_tiles
+  # checks the default, 'device'.
+  config.data.augment_on = 'host'
   config.data.update(data)
   return config
 
@@ -320,6 +323,49 @@ def test_validation_covers_split_once(folders):
   again = list(ip.create_pretrain_iterator(config, 'validation', process_index=0,
                                            process_count=1, with_ids=True))
   _assert_batches_equal(again, runs[1, 0])
+
+
+def test_device_augmentation_gets_whole_tiles(folders):
+  """augment_on='device': whole uint8 tiles of the season the host path draws too."""
+  import jax   # pylint: disable=g-import-not-at-top
+  from cromss_jax import augment   # pylint: disable=g-import-not-at-top
+  device = _config(folders['pretrain'], augment_on='device')
+  host = _config(folders['pretrain'])
+  batches = _take(ip.create_pretrain_iterator(device, process_index=0, process_count=1,
+                                              with_ids=True), 4)
+  host_batches = _take(ip.create_pretrain_iterator(host, process_index=0, process_count=1,
+                                                   with_ids=True), 4)
+  expected = {'s1': (8, TILE, TILE, 2), 's2': (8, TILE, TILE, 13), 'labels': (8, TILE, TILE),
+              'clean_labels': (8, TILE, TILE), 'season_labels': (8, SEASONS, TILE, TILE)}
+  for batch, host_batch in zip(batches, host_batches):
+    assert {k: batch[k].shape for k in expected} == expected
+    assert all(batch[k].dtype == np.uint8 for k in expected)
+    np.testing.assert_array_equal(batch['location_id'], host_batch['location_id'])
+    np.testing.assert_array_equal(batch['season'], host_batch['season'])
+    season = batch['season'][:, None, None]
+    base = np.stack([_base(int(i)) for i in batch['location_id']]).astype(np.int64)
+    np.testing.assert_array_equal(batch['s1'][..., 0], base)       # the tile as stored
+    np.testing.assert_array_equal(batch['s1'][..., 1], np.broadcast_to(40 * season + 10,
+                                                                       base.shape))
+    np.testing.assert_array_equal(batch['s2'][..., 0], base)
+    np.testing.assert_array_equal(batch['labels'], (base + season) % 9)
+    np.testing.assert_array_equal(batch['clean_labels'], (base + season + 1) % 9)
+    for t in range(SEASONS):
+      np.testing.assert_array_equal(batch['season_labels'][:, t], (base + t) % 9)
+  # Resume and evaluation as on the host path; evaluation is the same centre crop.
+  _assert_batches_equal(batches[2:], _take(ip.create_pretrain_iterator(
+      device, start_step=2, process_index=0, process_count=1, with_ids=True), 2))
+  _assert_batches_equal(
+      list(ip.create_pretrain_iterator(device, 'validation', process_index=0, process_count=1)),
+      list(ip.create_pretrain_iterator(host, 'validation', process_index=0, process_count=1)))
+  # What the train step makes of such a batch: crops whose labels still fit their images.
+  aug = augment.AugmentConfig(crop_size=CROP, rotation='free', rotation_prob=1.0,
+                              image_interpolation='nearest')
+  batch = {k: v for k, v in batches[0].items() if k != 'location_id'}
+  out = jax.jit(lambda b: augment.augment_batch(b, jax.random.PRNGKey(0), aug))(batch)
+  crop_base = np.asarray(out['s1'][..., 0]).astype(np.int64)
+  assert crop_base.shape == (8, CROP, CROP)
+  np.testing.assert_array_equal(out['labels'], (crop_base + batch['season'][:, None, None]) % 9)
 
 
 def test_downstream_pipeline(folders):

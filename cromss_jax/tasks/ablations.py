@@ -156,7 +156,10 @@ def create_single_modal_task(config: ml_collections.ConfigDict, modality: str) -
 
   return Task(
       name=f'pretrain_{modality}_only',
-      learner=dataclasses.replace(base.learner, loss_fn=loss_fn,
+      # The data are the base task's: whole tiles when config.data.augment_on='device'.
+      learner=dataclasses.replace(base.learner,
+                                  loss_fn=pretrain.augmented(loss_fn,
+                                                             pretrain.device_augment(config)),
                                   trainable=lambda path: path[0] not in unused),
       data=base.data,
       evaluation=Evaluation(eval_fn=eval_fn, summarise=pretrain.summarise_confusions,

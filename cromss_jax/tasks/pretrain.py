@@ -9,12 +9,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from cromss_jax import augment as augment_lib
 from cromss_jax import input_pipeline
 from cromss_jax import metrics as metrics_lib
 from cromss_jax import models
 from cromss_jax import objective
 from cromss_jax import visualize
-from cromss_jax.config_validation import validate_against_dataset, validate_pretrain_config
+from cromss_jax.config_validation import (validate_against_dataset, validate_keys,
+                                          validate_pretrain_config)
 from cromss_jax.train.task import Batch, Data, Evaluation, Learner, LossFn, Task
 
 
@@ -34,9 +36,32 @@ def _pretrain_prior(batch: Batch, obj_cfg: ml_collections.ConfigDict) -> jax.Arr
   return objective.smoothing_prior(batch['season_labels'], batch['season'], obj_cfg)
 
 
-def pretrain_loss_fn(model: nn.Module, obj_cfg: ml_collections.ConfigDict) -> LossFn:
+def device_augment(config: ml_collections.ConfigDict) -> augment_lib.AugmentConfig | None:
+  """The augmentation the train step applies (None: the host pipeline augments)."""
+  validate_keys(config, ('data.augment_on',))
+  return augment_lib.from_config(config) if config.data.augment_on == 'device' else None
+
+
+def augmented(loss_fn: LossFn, augment: augment_lib.AugmentConfig | None) -> LossFn:
+  """`loss_fn` of the batch augmented first (whole tiles in, crops out); as is for None.
+
+  The augmentation key is the step's `rng` (fold_in(state.rng, step)), so a resumed run repeats
+  the same crops, flips and rotations. Also wraps the ablations' losses, which share the data.
+  """
+  if augment is None:
+    return loss_fn
+
+  def loss_fn_augmented(params, batch_stats, batch, epoch, rng):
+    return loss_fn(params, batch_stats, augment_lib.augment_batch(batch, rng, augment), epoch,
+                   rng)
+  return loss_fn_augmented
+
+
+def pretrain_loss_fn(model: nn.Module, obj_cfg: ml_collections.ConfigDict,
+                     augment: augment_lib.AugmentConfig | None = None) -> LossFn:
+  """The CromSS loss; with `augment`, of the batch's whole tiles augmented in the step."""
   def loss_fn(params, batch_stats, batch, epoch, rng):
-    del rng  # the networks are deterministic; kept for tasks that need randomness
+    del rng  # the networks are deterministic; the augmentation key is taken by `augmented`
     z1, z2, new_batch_stats = _pretrain_forward(model, params, batch_stats, batch, True)
     loss, aux = objective.cromss_loss(z1, z2, batch['labels'], _pretrain_prior(batch, obj_cfg),
                                       epoch, obj_cfg)
@@ -52,7 +77,7 @@ def pretrain_loss_fn(model: nn.Module, obj_cfg: ml_collections.ConfigDict) -> Lo
         'train_acc_s2': jnp.mean(jnp.argmax(z2, -1) == labels),
     }
     return loss, (new_batch_stats, step_metrics)
-  return loss_fn
+  return augmented(loss_fn, augment)
 
 
 def pretrain_eval_fn(model: nn.Module, obj_cfg: ml_collections.ConfigDict,
@@ -91,7 +116,11 @@ def summarise_confusions(sums: dict[str, np.ndarray]) -> dict[str, float]:
 
 
 def create_pretrain_learner(config: ml_collections.ConfigDict) -> Learner:
-  """The two-branch network and the CromSS loss (all the compiled train step needs)."""
+  """The two-branch network and the CromSS loss (all the compiled train step needs).
+
+  With config.data.augment_on='device' the loss augments the batch (whole tiles from the host)
+  inside the step; `init_batch` has the crop's shape either way.
+  """
   obj_cfg = config.objective
   model = models.build_pretrain_model(config.model, obj_cfg.num_classes, config.data.s2_bands)
   crop = config.data.crop_size
@@ -105,7 +134,7 @@ def create_pretrain_learner(config: ml_collections.ConfigDict) -> Learner:
                        train=False)
 
   return Learner(model=model, init_batch=init_batch, apply_init=apply_init,
-                 loss_fn=pretrain_loss_fn(model, obj_cfg))
+                 loss_fn=pretrain_loss_fn(model, obj_cfg, device_augment(config)))
 
 
 def create_pretrain_task(config: ml_collections.ConfigDict) -> Task:
