@@ -826,23 +826,23 @@ def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: boo
                               'to discard the earlier conversion and start over') from None
       old = {}
   recorded = _recorded_outputs(state_dir, old)
-  if overwrite and (old is not None or recorded):
-    logging.warning('--overwrite: discarding the earlier conversion in %s', printable(out_dir))
-    _remove_recorded(out_dir, recorded)
-    old, recorded = None, set()
-  elif old is not None and old != plan:
+  if not overwrite and old is not None and old != plan:
     raise ConversionError(
         f'{printable(out_dir)} holds a conversion made with other arguments or inputs '
         f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
         'or pass --overwrite to discard it and start over.')
   planned = _planned_outputs(plan)
   foreign = [f for f in planned if f not in recorded and os.path.lexists(os.path.join(out_dir, f))]
-  if foreign:
+  if foreign:  # Checked before anything is deleted.
     shown = ', '.join(foreign[:4]) + (f' and {len(foreign) - 4} more' if len(foreign) > 4 else '')
     raise ConversionError(
         f'{printable(out_dir)} already holds {shown}, not written by a conversion recorded there '
         '(another dataset?); they are never replaced, also not with --overwrite: choose another '
         '--out, or move them away yourself.')
+  if overwrite and (old is not None or recorded):
+    logging.warning('--overwrite: discarding the earlier conversion in %s', printable(out_dir))
+    _remove_recorded(out_dir, recorded)
+    recorded = set()
   os.makedirs(state_dir, exist_ok=True)
   for f in os.listdir(state_dir):  # Leftovers of a killed run.
     if '.tmp' in f and _STATE_FILE_RE.match(f):
