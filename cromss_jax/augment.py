@@ -147,14 +147,18 @@ def _sampling(draws: Draws, tile_size: int, aug: AugmentConfig) -> _Sampling:
   return _Sampling(nearest, corners, (fx, fy))
 
 
+def _gather(x: jax.Array, index: jax.Array, axis: int) -> jax.Array:
+  """jnp.take clamping instead of masking: `_sampling` only makes indices inside the tile."""
+  return jnp.take(x, index, axis=axis, mode='clip')
+
+
 def _sample_image(image: jax.Array, sampling: _Sampling, size: int) -> jax.Array:
   """uint8 [H, W, C] -> [S, S, C]: gathered whole pixels, bilinear when there are corners."""
   channels = image.shape[-1]
   pixels = image.reshape(-1, channels)
   if sampling.corners is None:
-    return jnp.take(pixels, sampling.nearest, axis=0).reshape(size, size, channels)
-  p00, p01, p10, p11 = (jnp.take(pixels, c, axis=0).astype(jnp.float32)
-                        for c in sampling.corners)
+    return _gather(pixels, sampling.nearest, 0).reshape(size, size, channels)
+  p00, p01, p10, p11 = (_gather(pixels, c, 0).astype(jnp.float32) for c in sampling.corners)
   fx, fy = sampling.weights
   top = p00 + fx * (p01 - p00)
   bottom = p10 + fx * (p11 - p10)
@@ -166,7 +170,7 @@ def _sample_map(labels: jax.Array, sampling: _Sampling, size: int) -> jax.Array:
   """[..., H, W] (any dtype) -> [..., S, S], nearest."""
   lead = labels.shape[:-2]
   flat = labels.reshape(lead + (-1,))
-  return jnp.take(flat, sampling.nearest, axis=-1).reshape(lead + (size, size))
+  return _gather(flat, sampling.nearest, -1).reshape(lead + (size, size))
 
 
 def transform_sample(sample: Mapping[str, jax.Array], draws: Draws,
