@@ -1,4 +1,5 @@
-"""CromSS pretraining on SSL4EO-S12 + Dynamic World noisy labels (paper defaults, SPEC §2-§5).
+"""CromSS pretraining on SSL4EO-S12 + Dynamic World noisy labels (paper defaults,
+docs/METHOD.md §2-§5).
 
 Run:  python -m cromss_jax.main --config=configs/pretrain.py --workdir=DIR \
           --config.data.dataset_dir=/path/to/converted/ssl4eo_s12_nol
@@ -88,7 +89,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.seed = 42                    # model init, data order and augmentation
 
-  # --- Data (SPEC §2) -------------------------------------------------------------------------
+  # --- Data (docs/METHOD.md §2) ---------------------------------------------------------------
   config.data = data = ml_collections.ConfigDict()
   # Directory written by `python -m data_prep.ssl4eo` (loadable by tfds.builder_from_directory).
   data.dataset_dir = ''         # required: set on the command line
@@ -110,7 +111,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.prefetch = 2             # batches prefetched per host; -1 = tf.data.AUTOTUNE
   data.cache = False            # cache decoded records in host memory (small datasets only)
 
-  # --- Model (SPEC §3) ------------------------------------------------------------------------
+  # --- Model (docs/METHOD.md §3) --------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()
   model.encoder = 'resnet50'    # resnet18 | resnet34 | resnet50
   model.fusion = 'mid'          # mid: shared decoder, late: two U-Nets
@@ -118,7 +119,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   model.s1_channels = 2         # VV, VH; must match the records
   model.compute_dtype = 'bfloat16'   # bfloat16 (accelerators) | float32; parameters stay float32
 
-  # --- Objective (SPEC §4; keys fixed by the acceptance-test contract) ----------------------
+  # --- Objective (docs/METHOD.md §4; keys fixed by the contract of §4.13) -----------------
   config.objective = obj = ml_collections.ConfigDict()
   obj.num_classes = 9                 # Dynamic World classes; must match the dataset
   obj.seg_losses = ('ce', 'dice')     # any of 'ce', 'dice', 'focal'
@@ -135,7 +136,7 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   obj.ramp_epochs = 80                # epochs of the ramp (0 = no ramp)
   obj.keep_ratio = 0.5                # share of pixels per class kept after the ramp
 
-  # --- Optimiser and LR schedule (SPEC §5) ----------------------------------------------------
+  # --- Optimiser and LR schedule (docs/METHOD.md §5) ------------------------------------------
   config.optimizer = opt = ml_collections.ConfigDict()
   opt.name = 'adam'             # the only optimiser
   opt.learning_rate = 5e-3      # peak / initial learning rate (0 < lr <= 1)

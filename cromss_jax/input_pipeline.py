@@ -3,7 +3,7 @@
 Reads the TFDS datasets written by `data_prep` (record format: docs/DESIGN.md) and yields
 host-local numpy batches (the per-host share of the global batch; `sharding.py` assembles global
 arrays). Images stay uint8; the train step divides by 255 and computes the smoothing prior from
-`season_labels` on the device (SPEC §4), so neither happens here.
+`season_labels` on the device (docs/METHOD.md §4.12), so neither happens here.
 
 Guarantees:
 * Determinism: every random choice (file order, shuffle, season, crop, flips, rotation) is drawn
@@ -25,7 +25,7 @@ season_labels, clean_labels all uint8, [b, tile, tile, ...]); the compiled train
 flips and rotates them (cromss_jax/augment.py, the same transforms as below, jax.random draws).
 With 'host', and for the downstream data and every evaluation stream, it happens here.
 
-Augmentation (training only; SPEC §2.3): random season, random crop (centre crop for
+Augmentation (training only; docs/METHOD.md §2.3): random season, random crop (centre crop for
 evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
 angle uniform in [-90, 90] degrees, reflect padding, bilinear for images and nearest for labels,
 like albumentations' Rotate), 'rot90' (p=rotation_prob, a random non-zero multiple of 90 degrees)

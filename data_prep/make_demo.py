@@ -50,7 +50,7 @@ NUM_CLASSES = len(constants.DW_CLASSES)
 SEASONS = ('spring', 'summer', 'autumn', 'winter')
 DFC_PATCH_SIZE = 256
 DFC_SPLITS = ('validation', 'test')
-DFC_SAVANNA = 3        # DFC2020 codes without a DW counterpart (SPEC §2.4: "ignore")
+DFC_SAVANNA = 3        # DFC2020 codes without a DW counterpart (docs/METHOD.md §2.4: "ignore")
 DFC_SNOW = 8
 DEFAULT_SCENE_SIZE = (700, 900)
 # Marks a folder as this tool's output and records the files it wrote: a rerun deletes only those.
