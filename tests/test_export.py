@@ -25,6 +25,10 @@ from cromss_jax import checkpointing
 from cromss_jax import exports
 from cromss_jax import models
 
+# Both modules use the one shared pretraining run: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group('pretrain_run')
+
+
 
 @pytest.fixture(scope='module')
 def exported(tmp_path_factory, request):

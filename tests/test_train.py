@@ -38,6 +38,10 @@ from helpers import (PROCESS_TIMEOUT_S, TMP_SUFFIX, TOTAL_STEPS, Proc,
                      assert_trees_equal, cli_command, complete_steps, flat,
                      read_scalars, restore_step, tiny_config)
 
+# Both modules use the one shared pretraining run: keep them on one xdist worker.
+pytestmark = pytest.mark.xdist_group('pretrain_run')
+
+
 
 @pytest.fixture(scope='module')
 def shared(tmp_path_factory, request):
