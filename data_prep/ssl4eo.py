@@ -154,7 +154,15 @@ class LabelSource:
     table: dict[tuple[int, int], str] = {}
     base = os.path.dirname(path)
     for line, values in enumerate(lines[1:], start=2):
+      if not any(v.strip() for v in values):
+        continue  # blank line
+      if len(values) != len(header):
+        raise common.ConversionError(
+            f'{path}:{line}: {len(values)} columns but the header has {len(header)} '
+            f'({",".join(header)}); got {",".join(values)!r}')
       row = dict(zip(header, values))
+      if not row['path'].strip():
+        raise common.ConversionError(f'{path}:{line}: empty path')
       try:
         key = (int(row['location']), int(row['season']))
       except (KeyError, TypeError, ValueError):
@@ -166,7 +174,7 @@ class LabelSource:
       if key in table:
         raise common.ConversionError(f'{path}:{line}: duplicate entry for location {key[0]} '
                                      f'season {key[1]}')
-      table[key] = os.path.join(base, row.get('path', ''))
+      table[key] = os.path.join(base, row['path'])
     return cls(origin=f'manifest:{path}', manifest=table, digest=digest)
 
   @classmethod

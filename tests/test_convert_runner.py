@@ -257,6 +257,13 @@ def test_user_errors_are_one_error_line(demo, tmp_path):
                           '--out', str(tmp_path / 'o1')))
   assert str(manifest) in line and 'UTF-8' in line, line
 
+  short_row = tmp_path / 'short_row.csv'
+  short_row.write_text('location,season,path\n0000000,0,a/0.tif\n0000000,1\n')
+  line = _error_line(_run('data_prep.ssl4eo', '--s1', str(demo / 'ssl4eo' / 's1'), '--s2',
+                          str(demo / 'ssl4eo' / 's2c'), '--labels', str(short_row),
+                          '--out', str(tmp_path / 'o3')))
+  assert f'{short_row}:3: 2 columns but the header has 3' in line, line
+
   a_file = tmp_path / 'a_file'
   a_file.write_text('not a folder')
   dfc = ['data_prep.dfc2020', '--root', str(demo / 'dfc2020'), '--workers', '1', '--limit', '1']
