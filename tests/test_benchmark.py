@@ -8,6 +8,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +31,59 @@ def test_step_benchmark_prints_figures_as_last_json_line():
   # MFU with a 1 TFLOP/s peak: 129.73 GFLOP x (64/256)^2 x 2 per step over the step time.
   expected_mfu = 129.73e9 / 16 * 2 / (figures['step_ms'] / 1e3) / 1e12
   assert abs(figures['mfu'] - expected_mfu) < 1e-3 + 0.01 * expected_mfu
+
+
+def _run_benchmark(*args, env=None):
+  return subprocess.run([sys.executable, '-m', 'cromss_jax.benchmark', *args], cwd=REPO,
+                        capture_output=True, text=True, timeout=600, check=False, env=env)
+
+
+@pytest.mark.slow
+def test_step_benchmark_compares_with_pytorch_side_by_side():
+  result = _run_benchmark('step', '--encoder', 'resnet18', '--batch', '2', '--size', '64',
+                          '--steps', '2', '--warmup', '1', '--compare_torch')
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert 'JAX / PyTorch' in result.stdout and 'PyTorch throughput' in result.stdout
+  assert figures['torch_loss_finite'] is True and figures['loss_finite'] is True
+  assert figures['torch_version'].startswith('2.') and figures['torch_threads'] >= 1
+  assert figures['torch_step_ms'] > 0
+  assert abs(figures['torch_imgs_per_s'] - 2 / (figures['torch_step_ms'] / 1e3)) < (
+      0.05 * figures['torch_imgs_per_s'])
+  ratio = figures['imgs_per_s'] / figures['torch_imgs_per_s']
+  assert abs(figures['ratio_jax_to_torch'] - ratio) < 0.02 * ratio + 1e-3
+  assert len(figures['load_avg']) == 2 and 'xla_flags' in figures
+
+
+def test_compare_torch_without_torch_is_one_error_line(tmp_path):
+  # A `torch` package that fails to import stands in for an environment without PyTorch.
+  fake = tmp_path / 'torch'
+  fake.mkdir()
+  (fake / '__init__.py').write_text("raise ImportError('No module named torch')\n")
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tmp_path), REPO]))
+  for mode, extra in (('step', ['--compare_torch']), ('step_torch', [])):
+    result = _run_benchmark(mode, '--encoder', 'resnet18', '--batch', '2', '--size', '64',
+                            '--steps', '1', *extra, env=env)
+    assert result.returncode == 1, result.stderr[-3000:]
+    errors = [l for l in result.stderr.splitlines() if l.startswith('error: ')]
+    assert len(errors) == 1 and 'pip install torch==2.13.0' in errors[0], result.stderr[-2000:]
+    assert 'Traceback' not in result.stderr and result.stdout.strip() == ''
+
+
+def test_step_torch_benchmark_prints_figures_as_last_json_line():
+  result = _run_benchmark('step_torch', '--encoder', 'resnet18', '--fusion', 'late', '--batch',
+                          '2', '--size', '64', '--steps', '2', '--warmup', '1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert 'PyTorch train step: resnet18 late, batch 2, 64x64, f32' in result.stdout
+  assert figures['mode'] == 'step_torch' and figures['loss_finite'] is True
+  assert figures['step_ms'] > 0 and figures['torch_threads'] >= 1
+  assert abs(figures['imgs_per_s'] - 2 / (figures['step_ms'] / 1e3)) < 0.05 * figures['imgs_per_s']
+  assert len(figures['load_avg']) == 2
+
+
+def test_unknown_benchmark_mode_is_one_error_line():
+  result = _run_benchmark('steps')
+  assert result.returncode == 1
+  assert result.stderr.strip().splitlines()[-1].startswith('error: usage:')
+  assert 'step_torch' in result.stderr

@@ -2,6 +2,8 @@
 
   python -m cromss_jax.benchmark step  --encoder resnet50 --fusion mid --batch 128 --size 256 \
       --steps 20 --dtype bf16
+  python -m cromss_jax.benchmark step --compare_torch          # same step in PyTorch, ratio
+  python -m cromss_jax.benchmark step_torch                     # the PyTorch step alone
   python -m cromss_jax.benchmark input [--dataset_dir DIR]      # samples/s of tf.data
   python -m cromss_jax.benchmark convert [--locations 16]       # locations/s of data_prep.ssl4eo
 
@@ -11,6 +13,12 @@ warm-up, each step individually with block_until_ready; the median and the 10th/
 percentiles are reported. MFU counts 129.73 GFLOP per 256x256 sample (SPEC §3: forward +
 backward of both branches), scaled by (size/256)^2, over the device's dense bf16 (or f32) peak
 from the table below, or --peak_tflops.
+
+With --compare_torch (CPU; needs torch, e.g. `pip install torch==2.13.0`) the same networks are
+built in PyTorch (`cromss_jax.torch_step`) and one JAX step and one PyTorch step are timed
+alternately, so both see the same load on shared cores; the ratio of images/s is reported.
+`step_torch` times the PyTorch step alone, for runs of separate processes (A B A B): in one
+process the idle threads of one framework can spin while the other computes.
 """
 from __future__ import annotations
 
@@ -38,7 +46,8 @@ PEAK_TFLOPS = {
     ('TPU v5p', 'bf16'): 459.0, ('TPU v6', 'bf16'): 918.0,
 }
 
-_MODE_HELP = 'step (default), input or convert'
+_MODE_HELP = 'step (default), step_torch, input or convert'
+_MODES = ('step', 'step_torch', 'input', 'convert')
 flags.DEFINE_string('encoder', 'resnet50', 'step: resnet18 | resnet34 | resnet50')
 flags.DEFINE_string('fusion', 'mid', 'step: mid | late')
 flags.DEFINE_integer('batch', 4, 'step: global batch size')
@@ -48,6 +57,9 @@ flags.DEFINE_integer('warmup', 2, 'step: untimed steps after compilation')
 flags.DEFINE_enum('dtype', 'f32', ['bf16', 'f32'], 'step: compute dtype')
 flags.DEFINE_integer('s2_bands', 13, 'step: S2 channels (13, 12, 9 or 3)')
 flags.DEFINE_float('peak_tflops', None, 'step: device peak for MFU (default: table by device)')
+flags.DEFINE_bool('compare_torch', False,
+                  'step: also time the same networks in PyTorch (f32, CPU), one JAX step and one '
+                  'PyTorch step alternately, and report the ratio of images/s')
 flags.DEFINE_string('dataset_dir', None, 'input: converted ssl4eo_s12_nol dir (default: demo)')
 flags.DEFINE_integer('input_batches', 30, 'input: batches to time')
 flags.DEFINE_integer('locations', 16, 'convert/input: demo locations to generate')
@@ -63,6 +75,14 @@ def _peak_tflops(dtype: str) -> float | None:
     if name.lower() in kind.lower() and table_dtype == dtype:
       return value
   return None
+
+
+def _usable_cores() -> int:
+  """Cores this process may run on (`taskset` narrows it), as XLA:CPU sizes its thread pool."""
+  try:
+    return len(os.sched_getaffinity(0))
+  except AttributeError:  # not Linux
+    return os.cpu_count() or 1
 
 
 def _print_table(title: str, rows: list[tuple[str, Any]], figures: dict) -> None:
@@ -88,6 +108,14 @@ def benchmark_step() -> dict:
   config.data.crop_size = FLAGS.size
   config.training.global_batch_size = FLAGS.batch
   size, batch = FLAGS.size, FLAGS.batch
+  torch_step = None
+  if FLAGS.compare_torch:  # first: a missing torch is reported before the long compile
+    from cromss_jax import torch_step as torch_step_lib
+    torch_step = torch_step_lib.build_torch_step(
+        encoder=FLAGS.encoder, fusion=FLAGS.fusion, s2_bands=FLAGS.s2_bands,
+        num_classes=config.objective.num_classes, batch=batch, size=size,
+        learning_rate=config.optimizer.learning_rate,
+        weight_decay=config.optimizer.weight_decay, threads=_usable_cores())
   learner = pretrain_task.create_pretrain_learner(config)
   mesh = sharding.create_mesh(config)
   tx = train.create_optimizer(config.optimizer)
@@ -110,13 +138,21 @@ def benchmark_step() -> dict:
   compile_s = time.perf_counter() - t0
   for _ in range(FLAGS.warmup):
     state, out = compiled(state, batch_arrays)
+    if torch_step is not None:
+      torch_step()
   jax.block_until_ready(state)
-  times = []
-  for _ in range(FLAGS.steps):
+  load_start = os.getloadavg()[0]
+  times, torch_times = [], []
+  for _ in range(FLAGS.steps):  # A B A B: both sides see the same load
     t0 = time.perf_counter()
     state, out = compiled(state, batch_arrays)
     jax.block_until_ready((state, out))
     times.append(time.perf_counter() - t0)
+    if torch_step is not None:
+      t0 = time.perf_counter()
+      torch_loss = torch_step()
+      torch_times.append(time.perf_counter() - t0)
+  load_end = os.getloadavg()[0]
   times_ms = np.asarray(times) * 1e3
   step_ms = float(np.median(times_ms))
   imgs_per_s = batch / (step_ms / 1e3)
@@ -139,18 +175,83 @@ def benchmark_step() -> dict:
       'step_ms_p90': round(float(np.percentile(times_ms, 90)), 2),
       'imgs_per_s': round(imgs_per_s, 2), 'peak_bytes': int(peak_bytes),
       'mfu': None if mfu is None else round(mfu, 4), 'peak_tflops_used': peak,
-      'loss_finite': finite}
+      'loss_finite': finite, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'load_avg': [round(load_start, 2), round(load_end, 2)]}
+  rows = [('compile', f'{compile_s:.1f} s'),
+          ('step time (median)', f'{step_ms:.1f} ms  (p10 {figures["step_ms_p10"]}, '
+                                 f'p90 {figures["step_ms_p90"]})'),
+          ('throughput', f'{imgs_per_s:.1f} images/s'),
+          ('MFU', 'n/a (unknown device peak; pass --peak_tflops)' if mfu is None
+           else f'{mfu * 100:.1f} % of {peak} TFLOP/s x {n_devices}'),
+          ('peak memory', f'{peak_bytes / 2**30:.2f} GiB'),
+          ('loss finite', finite)]
+  if torch_step is not None:
+    import torch
+    torch_ms = np.asarray(torch_times) * 1e3
+    torch_step_ms = float(np.median(torch_ms))
+    torch_imgs = batch / (torch_step_ms / 1e3)
+    figures.update({
+        'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
+        'torch_step_ms': round(torch_step_ms, 2),
+        'torch_step_ms_p10': round(float(np.percentile(torch_ms, 10)), 2),
+        'torch_step_ms_p90': round(float(np.percentile(torch_ms, 90)), 2),
+        'torch_imgs_per_s': round(torch_imgs, 2),
+        'torch_loss_finite': bool(np.isfinite(torch_loss)),
+        'ratio_jax_to_torch': round(imgs_per_s / torch_imgs, 3)})
+    rows += [('PyTorch step (median)', f'{torch_step_ms:.1f} ms  (p10 '
+                                        f'{figures["torch_step_ms_p10"]}, p90 '
+                                        f'{figures["torch_step_ms_p90"]}), torch '
+                                        f'{torch.__version__}, {torch.get_num_threads()} threads'),
+             ('PyTorch throughput', f'{torch_imgs:.1f} images/s'),
+             ('JAX / PyTorch', f'{figures["ratio_jax_to_torch"]:.2f}x images/s')]
+  rows.append(('load average', f'{load_start:.2f} -> {load_end:.2f}'))
   _print_table(
       f'CromSS train step: {FLAGS.encoder} {FLAGS.fusion}, batch {batch}, {size}x{size}, '
       f'{FLAGS.dtype}, {n_devices} x {figures["device"]}',
-      [('compile', f'{compile_s:.1f} s'),
-       ('step time (median)', f'{step_ms:.1f} ms  (p10 {figures["step_ms_p10"]}, '
+      rows, figures)
+  return figures
+
+
+def benchmark_step_torch() -> dict:
+  """The PyTorch step alone (a process of its own): for A B A B runs against `step`."""
+  from configs import pretrain
+  from cromss_jax import torch_step as torch_step_lib
+  config = pretrain.get_config()
+  size, batch = FLAGS.size, FLAGS.batch
+  torch_step = torch_step_lib.build_torch_step(
+      encoder=FLAGS.encoder, fusion=FLAGS.fusion, s2_bands=FLAGS.s2_bands,
+      num_classes=config.objective.num_classes, batch=batch, size=size,
+      learning_rate=config.optimizer.learning_rate,
+      weight_decay=config.optimizer.weight_decay, threads=_usable_cores())
+  import torch
+  for _ in range(FLAGS.warmup):
+    torch_step()
+  load_start = os.getloadavg()[0]
+  times = []
+  for _ in range(FLAGS.steps):
+    t0 = time.perf_counter()
+    loss = torch_step()
+    times.append(time.perf_counter() - t0)
+  load_end = os.getloadavg()[0]
+  times_ms = np.asarray(times) * 1e3
+  step_ms = float(np.median(times_ms))
+  imgs_per_s = batch / (step_ms / 1e3)
+  figures = {
+      'mode': 'step_torch', 'device': 'cpu', 'encoder': FLAGS.encoder, 'fusion': FLAGS.fusion,
+      'batch': batch, 'size': size, 'dtype': 'f32', 'torch_version': torch.__version__,
+      'torch_threads': torch.get_num_threads(), 'step_ms': round(step_ms, 2),
+      'step_ms_p10': round(float(np.percentile(times_ms, 10)), 2),
+      'step_ms_p90': round(float(np.percentile(times_ms, 90)), 2),
+      'imgs_per_s': round(imgs_per_s, 2), 'loss_finite': bool(np.isfinite(loss)),
+      'load_avg': [round(load_start, 2), round(load_end, 2)]}
+  _print_table(
+      f'PyTorch train step: {FLAGS.encoder} {FLAGS.fusion}, batch {batch}, {size}x{size}, f32, '
+      f'cpu, torch {torch.__version__}, {torch.get_num_threads()} threads',
+      [('step time (median)', f'{step_ms:.1f} ms  (p10 {figures["step_ms_p10"]}, '
                               f'p90 {figures["step_ms_p90"]})'),
        ('throughput', f'{imgs_per_s:.1f} images/s'),
-       ('MFU', 'n/a (unknown device peak; pass --peak_tflops)' if mfu is None
-        else f'{mfu * 100:.1f} % of {peak} TFLOP/s x {n_devices}'),
-       ('peak memory', f'{peak_bytes / 2**30:.2f} GiB'),
-       ('loss finite', finite)], figures)
+       ('loss finite', figures['loss_finite']),
+       ('load average', f'{load_start:.2f} -> {load_end:.2f}')], figures)
   return figures
 
 
@@ -221,12 +322,13 @@ def benchmark_convert() -> dict:
 
 def main(argv):
   mode = argv[1] if len(argv) > 1 else 'step'
-  if len(argv) > 2 or mode not in ('step', 'input', 'convert'):
+  if len(argv) > 2 or mode not in _MODES:
     raise cli.UserError(f'usage: python -m cromss_jax.benchmark [{_MODE_HELP}] [--flags]')
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
   logging.set_verbosity(logging.WARNING)
-  {'step': benchmark_step, 'input': benchmark_input, 'convert': benchmark_convert}[mode]()
+  {'step': benchmark_step, 'step_torch': benchmark_step_torch, 'input': benchmark_input,
+   'convert': benchmark_convert}[mode]()
 
 
 def run() -> None:
