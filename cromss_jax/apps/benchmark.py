@@ -10,7 +10,7 @@
 Each mode prints a human-readable table and, as its LAST stdout line, one JSON object with the
 figures. The step is timed on device-resident synthetic inputs (no input pipeline), after
 warm-up, each step individually with block_until_ready; the median and the 10th/90th
-percentiles are reported. MFU counts 129.73 GFLOP per 256x256 sample (SPEC §3: forward +
+percentiles are reported. MFU counts 129.73 GFLOP per 256x256 sample (docs/METHOD.md §3: forward +
 backward of both branches), scaled by (size/256)^2, over the device's dense bf16 (or f32) peak
 from the table below, or --peak_tflops.
 
@@ -46,8 +46,8 @@ PEAK_TFLOPS = {
     ('TPU v5p', 'bf16'): 459.0, ('TPU v6', 'bf16'): 918.0,
 }
 
-_MODE_HELP = 'step (default), step_torch, input or convert'
-_MODES = ('step', 'step_torch', 'input', 'convert')
+_MODE_HELP = 'step (default), step_torch, input, convert or predict'
+_MODES = ('step', 'step_torch', 'input', 'convert', 'predict')
 flags.DEFINE_string('encoder', 'resnet50', 'step: resnet18 | resnet34 | resnet50')
 flags.DEFINE_string('fusion', 'mid', 'step: mid | late')
 flags.DEFINE_integer('batch', 4, 'step: global batch size')
@@ -64,6 +64,11 @@ flags.DEFINE_string('dataset_dir', None, 'input: converted ssl4eo_s12_nol dir (d
 flags.DEFINE_integer('input_batches', 30, 'input: batches to time')
 flags.DEFINE_integer('locations', 16, 'convert/input: demo locations to generate')
 flags.DEFINE_integer('workers', None, 'convert: worker processes (default: all cores)')
+flags.DEFINE_integer('scene_height', 10_000, 'predict: scene height in px')
+flags.DEFINE_integer('scene_width', 10_000, 'predict: scene width in px')
+flags.DEFINE_integer('scene_valid', 1024, 'predict: side of the valid (non-nodata) square in px')
+flags.DEFINE_enum('network', 'resnet18', ['resnet18', 'toy'],
+                  'predict: the (randomly initialised) network that maps the scene')
 FLAGS = flags.FLAGS
 
 
@@ -320,6 +325,22 @@ def benchmark_convert() -> dict:
   return figures
 
 
+def benchmark_predict() -> dict:
+  """Peak memory and time of mapping a generated scene (cromss_jax.apps.benchmark_predict)."""
+  from cromss_jax.apps import benchmark_predict as bp  # pylint: disable=g-import-not-at-top
+  figures = bp.benchmark_predict(FLAGS.scene_height, FLAGS.scene_width, valid=FLAGS.scene_valid,
+                                 batch=FLAGS.batch, network=FLAGS.network)
+  _print_table(
+      f'Mapping a {FLAGS.scene_height} x {FLAGS.scene_width} scene ({FLAGS.network}, '
+      f'{FLAGS.scene_valid}^2 px valid, batch {FLAGS.batch})',
+      [('windows (computed / skipped)', f'{figures["windows"]} ({figures["windows_computed"]} / '
+                                        f'{figures["windows_skipped"]})'),
+       ('peak RSS', f'{figures["peak_rss_mib"]} MiB'),
+       ('RSS with the network ready', f'{figures["model_ready_rss_mib"]} MiB'),
+       ('mapping time', f'{figures["map_s"]} s')], figures)
+  return figures
+
+
 def main(argv):
   mode = argv[1] if len(argv) > 1 else 'step'
   if len(argv) > 2 or mode not in _MODES:
@@ -328,7 +349,7 @@ def main(argv):
   tf.config.set_visible_devices([], 'GPU')
   logging.set_verbosity(logging.WARNING)
   {'step': benchmark_step, 'step_torch': benchmark_step_torch, 'input': benchmark_input,
-   'convert': benchmark_convert}[mode]()
+   'convert': benchmark_convert, 'predict': benchmark_predict}[mode]()
 
 
 def run() -> None:
