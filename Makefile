@@ -26,13 +26,17 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 demo: venv
 	$(PY) -m cromss_jax.demo --out $(DEMO_DIR)
 
-# The whole suite (about 10 minutes on 2 CPU cores).
+# The whole suite, in two processes (TEST_WORKERS=1 for one; the two shared-run modules stay on
+# one worker, see tests/pretrain_run.py).
+TEST_WORKERS ?= 2
+XDIST := -n $(TEST_WORKERS) --dist loadgroup
+
 test: venv-test
-	$(PY) -m pytest -q $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
 
 # Everything but the tests marked slow (real-model training runs, subprocess chains).
 test-fast: venv-test
-	$(PY) -m pytest -q -m "not slow" $(PYTEST_ARGS) tests
+	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -29,8 +29,9 @@ from cromss_jax import models
 pytestmark = pytest.mark.xdist_group('pretrain_run')
 
 
-
-@pytest.fixture(scope='module')
+# Session scope: xdist may interleave this module's tests with test_train's on one worker; a
+# module-scoped fixture would be built again after each switch.
+@pytest.fixture(scope='session')
 def exported(tmp_path_factory, request):
   shared = pretrain_run.shared_run(tmp_path_factory, request)
   out = tmp_path_factory.mktemp('export') / 'E'

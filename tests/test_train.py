@@ -43,7 +43,7 @@ pytestmark = pytest.mark.xdist_group('pretrain_run')
 
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope='session')
 def shared(tmp_path_factory, request):
   return pretrain_run.shared_run(tmp_path_factory, request)
 
