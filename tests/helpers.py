@@ -24,6 +24,16 @@ from cromss_jax import train
 
 REPO = Path(__file__).resolve().parents[1]
 TMP_SUFFIX = '.orbax-checkpoint-tmp'
+# The published normalisation statistics (docs/METHOD.md §2.2), written out here again so that
+# tests check the converters against numbers that do not come from cromss_jax.constants.
+S1_STATS = ((-12.54847273, 5.25697717), (-20.19237134, 5.91150917))
+S2_MEAN = np.array([1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991,
+                    2091.74883118, 2371.7172463, 2299.90463006, 2560.29504086, 830.06605044,
+                    22.10351321, 2177.07172323, 1524.06546312])
+S2_STD = np.array([786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652,
+                   1161.59187054, 1274.39184232, 1248.42891965, 1345.52684884, 577.31607053,
+                   51.15431158, 1336.09932639, 1136.53823676])
+
 # Hang guard for every subprocess: generous for a cold compile on a slow 2-core machine.
 PROCESS_TIMEOUT_S = 420
 
@@ -273,3 +283,15 @@ def toy_config(num_epochs: int, max_nonfinite: int = 3):
                          panel_every_epochs=0, max_consecutive_nonfinite=max_nonfinite)
   config.optimizer.learning_rate = 1e-2
   return config
+
+
+class TinyClassifier(nn.Module):
+  """Per-pixel (kernel 1) or 5x5-receptive-field (two 3x3 convs) classifier for mapping tests."""
+  kernel: int
+  num_classes: int = 5
+
+  @nn.compact
+  def __call__(self, x):
+    k = (self.kernel, self.kernel)
+    x = nn.relu(nn.Conv(16, k, padding='SAME')(x))
+    return nn.Conv(self.num_classes, k, padding='SAME')(x)

@@ -25,19 +25,13 @@ import tensorflow_datasets as tfds
 from configs import transfer_dw
 from configs import transfer_osm
 from cromss_jax.models import ResNetEncoder
+from helpers import S1_STATS, S2_MEAN, S2_STD
 from cromss_jax.tasks import transfer
 from data_prep import ssl4eo_dwosm
 
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT_S = 420
 CRS = 'EPSG:32633'
-S1_STATS = ((-12.54847273, 5.25697717), (-20.19237134, 5.91150917))
-S2_MEAN = np.array([1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1549.44374991,
-                    2091.74883118, 2371.7172463, 2299.90463006, 2560.29504086, 830.06605044,
-                    22.10351321, 2177.07172323, 1524.06546312])
-S2_STD = np.array([786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652,
-                   1161.59187054, 1274.39184232, 1248.42891965, 1345.52684884, 577.31607053,
-                   51.15431158, 1336.09932639, 1136.53823676])
 # Tile ids as the release names them (decimal point written as '.' or 'p').
 TRAIN_IDS = ('-0.0520777954_32.9493499204-20190816', '12.4861033333_41.8929166667-20190322')
 TEST_IDS = ('-0p6481384406_6p8231873947-20190226', '7p1234567890_50p1234567890-20191103')

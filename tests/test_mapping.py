@@ -10,7 +10,6 @@ import subprocess
 import sys
 import xml.etree.ElementTree as ET
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -19,6 +18,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
+from helpers import TinyClassifier
 from cromss_jax import constants
 from cromss_jax import mapping
 
@@ -54,20 +54,9 @@ def s2_scene(height, width, seed=0, nodata_rows=0):
   return scene
 
 
-class Net(nn.Module):
-  kernel: int
-  num_classes: int = 5
-
-  @nn.compact
-  def __call__(self, x):
-    k = (self.kernel, self.kernel)
-    x = nn.relu(nn.Conv(16, k, padding='SAME')(x))
-    return nn.Conv(self.num_classes, k, padding='SAME')(x)
-
-
 def toy_predictor(kernel=3, subset=constants.S2_BAND_SUBSETS[13], with_s1=False):
   """A small conv net (receptive field 2 * kernel - 1); with_s1: it also reads S1."""
-  net = Net(kernel)
+  net = TinyClassifier(kernel)
   channels = len(subset) + (2 if with_s1 else 0)
   variables = net.init(jax.random.PRNGKey(kernel), jnp.zeros((1, 8, 8, channels)))
 
@@ -414,7 +403,7 @@ def test_s1_only_model_maps_on_the_s1_grid_with_its_nodata(tmp_path):
   s1 = rng.normal(-15, 4, (2, 70, 90)).astype(np.float32)
   s1[:, :20] = np.nan                              # outside the swath
   s1_path = write_tif(tmp_path / 's1.tif', s1, crs=WGS84, transform=WGS84_T)
-  net = Net(1)
+  net = TinyClassifier(1)
   variables = net.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 2)))
   apply = jax.jit(lambda v, x: jax.nn.softmax(net.apply(v, (x / 255.0 - 0.5) * 4.0)))
   predictor = mapping.Predictor(lambda inputs: apply(variables, inputs['s1']),

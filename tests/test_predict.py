@@ -14,7 +14,6 @@ import json
 import os
 
 import flax
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,6 +24,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from configs import transfer as transfer_config
+from helpers import TinyClassifier
 from cromss_jax import checkpointing
 from cromss_jax import constants
 from cromss_jax import exports
@@ -67,20 +67,8 @@ def _normalised(scene: np.ndarray, subset) -> np.ndarray:
   return out
 
 
-class _Net(nn.Module):
-  """Per-pixel (kernel 1) or 5x5-receptive-field (two 3x3 convs) classifier."""
-  kernel: int
-  num_classes: int = 5
-
-  @nn.compact
-  def __call__(self, x):
-    k = (self.kernel, self.kernel)
-    x = nn.relu(nn.Conv(16, k, padding='SAME')(x))
-    return nn.Conv(self.num_classes, k, padding='SAME')(x)
-
-
 def _toy_predictor(kernel: int, subset=constants.S2_BAND_SUBSETS[13], uses_s1=False):
-  net = _Net(kernel)
+  net = TinyClassifier(kernel)
   variables = net.init(jax.random.PRNGKey(kernel), jnp.zeros((1, 8, 8, len(subset))))
   apply = jax.jit(lambda v, s2: jax.nn.softmax(net.apply(v, s2.astype(jnp.float32) / 255.0)))
   predictor = mapping.Predictor(
