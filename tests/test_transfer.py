@@ -6,6 +6,8 @@ two CPU cores; shapes that need no numbers are checked with jax.eval_shape.
 import importlib.util
 import json
 import os
+import subprocess
+import sys
 
 import flax
 import jax
@@ -348,3 +350,18 @@ def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monk
   np.testing.assert_array_equal(again['confusion_matrix'], report['confusion_matrix'])
   assert again['loss'] == pytest.approx(report['loss'], rel=1e-5)
   assert os.path.basename(paths['png']) == 'confusion_matrix.png'
+
+  # The documented command (README: `python -m cromss_jax.evaluate --workdir DIR`), as typed.
+  out = tmp_path / 'cli'
+  proc = subprocess.run([sys.executable, '-m', 'cromss_jax.evaluate', '--workdir', workdir,
+                         '--out', str(out)], capture_output=True, text=True, timeout=600,
+                        check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert '| model | OA | AA | mIoU | mF1 |' in proc.stdout
+  cli_report = json.load(open(out / 'metrics.json'))
+  assert cli_report['confusion_matrix'] == report['confusion_matrix']
+  proc = subprocess.run([sys.executable, '-m', 'cromss_jax.evaluate', '--workdir',
+                         str(tmp_path / 'nowhere')], capture_output=True, text=True,
+                        timeout=600, check=False, cwd=os.path.dirname(os.path.dirname(__file__)))
+  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
+  assert proc.stderr.strip().splitlines()[-1].startswith('error: no checkpoints in ')

@@ -23,8 +23,8 @@ def main(argv: Sequence[str]) -> None:
   cli.check_command_line(argv, workdir=_WORKDIR.value)
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')  # tf.data only
-  from cromss_jax import evaluate  # pylint: disable=g-import-not-at-top
-  scores, paths = evaluate.evaluate_workdir(_WORKDIR.value, _SPLIT.value,
+  from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top
+  scores, paths = transfer.evaluate_workdir(_WORKDIR.value, _SPLIT.value,
                                             dataset_dir=_DATASET_DIR.value,
                                             batch_size=_BATCH_SIZE.value, out_dir=_OUT.value)
   with open(paths['md'], encoding='utf-8') as fh:

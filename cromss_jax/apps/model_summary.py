@@ -109,7 +109,7 @@ def main(argv: Sequence[str]) -> None:
   print(summarize(flags.FLAGS.config, flags.FLAGS.depth))
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
   """Flags are defined only when run as a program, so importing `summarize` (tests, other
   tools) does not collide with other modules' --config flag."""
   config_flags.DEFINE_config_file('config', None, 'Pretraining config file.', lock_config=True)
@@ -117,8 +117,9 @@ def _define_flags() -> None:
   flags.mark_flag_as_required('config')
 
 
-def run() -> None:
-  _define_flags()
+def run(*, flags_defined: bool = False) -> None:
+  if not flags_defined:
+    define_flags()
   cli.run_absl(main)
 
 
