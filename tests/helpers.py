@@ -295,3 +295,14 @@ class TinyClassifier(nn.Module):
     k = (self.kernel, self.kernel)
     x = nn.relu(nn.Conv(16, k, padding='SAME')(x))
     return nn.Conv(self.num_classes, k, padding='SAME')(x)
+
+
+def patchy_s2_scene(height: int, width: int, seed: int = 0) -> np.ndarray:
+  """13-band uint16 L1C-like reflectances [13, H, W]: 25 px patches of 4 "land covers"
+  (distinct spectra) plus noise, so that a network's classes vary over the scene."""
+  rng = np.random.default_rng(seed)
+  cover = rng.integers(0, 4, (-(-height // 25), -(-width // 25)))
+  cover = np.kron(cover, np.ones((25, 25), int))[:height, :width]
+  spectra = rng.uniform(300, 3500, (4, 13))
+  scene = spectra[cover].transpose(2, 0, 1) + rng.normal(0, 150, (13, height, width))
+  return np.clip(scene, 1, 10000).astype(np.uint16)

@@ -18,7 +18,7 @@ import rasterio
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 
-from helpers import TinyClassifier
+from helpers import TinyClassifier, patchy_s2_scene
 from cromss_jax import constants
 from cromss_jax import mapping
 
@@ -43,12 +43,7 @@ def write_tif(path, data, *, crs=UTM, transform=UTM_T, nodata=None, descriptions
 def s2_scene(height, width, seed=0, nodata_rows=0):
   """uint16 13-band scene of 4 "land covers" in 25 px patches plus noise; the first
   `nodata_rows` rows and a block are nodata (all bands 0)."""
-  rng = np.random.default_rng(seed)
-  cover = rng.integers(0, 4, (-(-height // 25), -(-width // 25)))
-  cover = np.kron(cover, np.ones((25, 25), int))[:height, :width]
-  spectra = rng.uniform(300, 3500, (4, 13))
-  scene = spectra[cover].transpose(2, 0, 1) + rng.normal(0, 150, (13, height, width))
-  scene = np.clip(scene, 1, 10000).astype(np.uint16)
+  scene = patchy_s2_scene(height, width, seed)
   scene[:, :nodata_rows] = 0
   scene[:, height // 2:height // 2 + 7, 5:40] = 0
   return scene

@@ -24,7 +24,7 @@ from rasterio.crs import CRS
 from rasterio.transform import Affine
 
 from configs import transfer as transfer_config
-from helpers import TinyClassifier
+from helpers import TinyClassifier, patchy_s2_scene
 from cromss_jax import checkpointing
 from cromss_jax import constants
 from cromss_jax import exports
@@ -49,12 +49,7 @@ def _write_tif(path, data, *, crs=CRS_UTM, transform=TRANSFORM, nodata=None) -> 
 def _s2_scene(seed=0, height=H, width=W) -> np.ndarray:
   """13-band uint16 L1C-like reflectances: 25 px patches of 4 "land covers" (distinct spectra)
   plus noise, so that a network's classes vary over the scene; one all-zero (nodata) block."""
-  rng = np.random.default_rng(seed)
-  cover = rng.integers(0, 4, (-(-height // 25), -(-width // 25)))
-  cover = np.kron(cover, np.ones((25, 25), int))[:height, :width]
-  spectra = rng.uniform(300, 3500, (4, 13))
-  scene = spectra[cover].transpose(2, 0, 1) + rng.normal(0, 150, (13, height, width))
-  scene = np.clip(scene, 1, 10000).astype(np.uint16)
+  scene = patchy_s2_scene(height, width, seed)
   scene[:, NODATA_BLOCK[0], NODATA_BLOCK[1]] = 0
   return scene
 

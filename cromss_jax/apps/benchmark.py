@@ -99,6 +99,13 @@ def _print_table(title: str, rows: list[tuple[str, Any]], figures: dict) -> None
   sys.stdout.flush()
 
 
+def _step_figures(seconds: list[float], batch: int) -> tuple[np.ndarray, float, float]:
+  """(step times in ms, their median, images/s at the median) of timed steps."""
+  times_ms = np.asarray(seconds) * 1e3
+  step_ms = float(np.median(times_ms))
+  return times_ms, step_ms, batch / (step_ms / 1e3)
+
+
 def benchmark_step() -> dict:
   """Compile time, step time, images/s, MFU and memory of the full pretraining step."""
   from configs import pretrain
@@ -158,9 +165,7 @@ def benchmark_step() -> dict:
       torch_loss = torch_step()
       torch_times.append(time.perf_counter() - t0)
   load_end = os.getloadavg()[0]
-  times_ms = np.asarray(times) * 1e3
-  step_ms = float(np.median(times_ms))
-  imgs_per_s = batch / (step_ms / 1e3)
+  times_ms, step_ms, imgs_per_s = _step_figures(times, batch)
   flop_per_step = GFLOP_PER_SAMPLE_256 * 1e9 * (size / 256) ** 2 * batch
   peak = _peak_tflops(FLAGS.dtype)
   n_devices = jax.device_count()
@@ -192,9 +197,7 @@ def benchmark_step() -> dict:
           ('loss finite', finite)]
   if torch_step is not None:
     import torch
-    torch_ms = np.asarray(torch_times) * 1e3
-    torch_step_ms = float(np.median(torch_ms))
-    torch_imgs = batch / (torch_step_ms / 1e3)
+    torch_ms, torch_step_ms, torch_imgs = _step_figures(torch_times, batch)
     figures.update({
         'torch_version': torch.__version__, 'torch_threads': torch.get_num_threads(),
         'torch_step_ms': round(torch_step_ms, 2),
@@ -238,9 +241,7 @@ def benchmark_step_torch() -> dict:
     loss = torch_step()
     times.append(time.perf_counter() - t0)
   load_end = os.getloadavg()[0]
-  times_ms = np.asarray(times) * 1e3
-  step_ms = float(np.median(times_ms))
-  imgs_per_s = batch / (step_ms / 1e3)
+  times_ms, step_ms, imgs_per_s = _step_figures(times, batch)
   figures = {
       'mode': 'step_torch', 'device': 'cpu', 'encoder': FLAGS.encoder, 'fusion': FLAGS.fusion,
       'batch': batch, 'size': size, 'dtype': 'f32', 'torch_version': torch.__version__,

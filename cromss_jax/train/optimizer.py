@@ -13,7 +13,7 @@ from cromss_jax.train.task import train_everything
 
 
 def create_optimizer(opt_cfg: ml_collections.ConfigDict,
-                     trainable: Callable[[tuple[str, ...]], bool] | None = None
+                     trainable: Callable[[tuple[str, ...]], bool] = train_everything
                      ) -> optax.GradientTransformation:
   """Adam with coupled L2 (added to the gradient, as torch.optim.Adam's weight_decay).
 
@@ -22,7 +22,7 @@ def create_optimizer(opt_cfg: ml_collections.ConfigDict,
   """
   tx = optax.chain(optax.add_decayed_weights(opt_cfg.weight_decay),
                    optax.scale_by_adam(b1=opt_cfg.b1, b2=opt_cfg.b2, eps=opt_cfg.eps))
-  if trainable is None or trainable is train_everything:
+  if trainable is train_everything:  # no labels: the same state as plain Adam
     return tx
 
   def labels(params):
