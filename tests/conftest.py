@@ -25,3 +25,15 @@ def _kill_leftovers():
   yield
   while helpers.Proc.foreground:
     helpers.Proc.foreground.pop().kill()
+
+# Fixtures that train (or export) the shared ResNet-18 pretraining run of tests/pretrain_run.py:
+# about 150 s of set-up on 2 cores, so every test that needs one is `slow` (run by `make test`,
+# left out of `make test-fast`).
+_SHARED_RUN_FIXTURES = frozenset({'shared', 'exported'})
+
+
+def pytest_collection_modifyitems(config, items):
+  del config  # unused
+  for item in items:
+    if _SHARED_RUN_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
+      item.add_marker(pytest.mark.slow)

@@ -94,6 +94,7 @@ def test_mean_std_and_settings_checks():
 # ----------------------------------------------------------------------------------------------
 # End to end, tiny
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_tiny_study_runs_writes_reports_and_resumes(tmp_path, capsys):
   settings = study.StudySettings(
       out=str(tmp_path / 'study'), seeds=(0,), locations=4, dfc_train=4, dfc_test=2,
