@@ -26,6 +26,7 @@ def _kill_leftovers():
   while helpers.Proc.foreground:
     helpers.Proc.foreground.pop().kill()
 
+
 # Fixtures that train (or export) the shared ResNet-18 pretraining run of tests/pretrain_run.py:
 # about 150 s of set-up on 2 cores, so every test that needs one is `slow` (run by `make test`,
 # left out of `make test-fast`).
