@@ -24,7 +24,7 @@ import ml_collections
 VARIANTS: dict[str, dict[str, Any]] = {
     'demo': {
         'data.crop_size': 128,
-        'data.shuffle_buffer': 64,
+        'data.num_workers': 0,               # a handful of locations: read in this process
         'model.encoder': 'resnet18',
         'model.compute_dtype': 'float32',
         'objective.ramp_epochs': 4,          # the paper's ramp (80 of 200 epochs), compressed
@@ -52,7 +52,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     'tiny': {
         '_base': 'demo',
         'data.crop_size': 64,
-        'data.shuffle_buffer': 8,
         'training.global_batch_size': 2,
         'training.steps_per_epoch': 2,
         'training.num_epochs': 3,
@@ -101,15 +100,14 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.rotation_prob = 0.2      # probability of rotating a sample (the paper's 0.2)
   # Image resampling of the free rotation: 'bilinear' or 'nearest' (labels are always nearest).
   data.image_interpolation = 'bilinear'
-  # Where the training crop, flips and rotation run: 'device' (inside the compiled train step;
-  # the host only reads and batches whole tiles) or 'host' (tf.data, per sample). Both draw
-  # from (seed, step) and resume exactly, but with other random numbers. Pretraining only:
-  # the transfer runs augment on the host whatever this says.
-  data.augment_on = 'device'
-  data.shuffle_buffer = 1024    # examples (locations) per host
-  data.num_parallel_calls = -1  # parallel element calls; -1 = tf.data.AUTOTUNE
-  data.prefetch = 2             # batches prefetched per host; -1 = tf.data.AUTOTUNE
-  data.cache = False            # cache decoded records in host memory (small datasets only)
+  # The training crop, flips and rotation run inside the compiled train step (augment.py); the
+  # host reads whole tiles of one (location, season) record each, with random access (grain).
+  # Worker processes reading and decoding records ahead of the step; 0 = threads of the
+  # training process (enough for small runs and CPU training).
+  data.num_workers = 8
+  # Read-ahead in batches: per host for pretraining (grain; -1 = 2), per tf.data pipeline for
+  # transfer (-1 = tf.data.AUTOTUNE).
+  data.prefetch = 2
 
   # --- Model (docs/METHOD.md §3) --------------------------------------------------------------
   config.model = model = ml_collections.ConfigDict()

@@ -76,6 +76,11 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   # orientations equally likely; 0.2 is the pretraining probability, kept as the run default.
   data.rotation = 'rot90'
   data.rotation_prob = 0.2
+  # The downstream sets are read with tf.data (small sets of patches, augmented on the host).
+  del data['num_workers']
+  data.shuffle_buffer = 1024         # examples (patches) per host
+  data.num_parallel_calls = -1       # parallel element calls; -1 = tf.data.AUTOTUNE
+  data.cache = False                 # cache decoded records in host memory (small sets only)
 
   config.model.encoder = 'resnet50'  # must be the pretrained encoder's
   config.objective.num_classes = 8   # DW-ordered DFC2020 classes (docs/METHOD.md §2.4)

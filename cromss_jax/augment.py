@@ -1,8 +1,8 @@
 """The pretraining augmentation as pure JAX functions, run inside the compiled train step.
 
-With `config.data.augment_on='device'` (the default) the host pipeline only reads, picks the
-season and batches whole tiles; the train step (tasks/pretrain.py) calls `augment_batch` before
-the forward pass and the smoothing prior. The transforms are those of the host pipeline
+The pretraining input pipeline only reads one (location, season) record per sample and batches
+whole tiles; the train step (tasks/pretrain.py) calls `augment_batch` before the forward pass and
+the smoothing prior. The transforms are those of the transfer runs' host pipeline
 (input_pipeline.py, docs/METHOD.md §2.3), in the same order and with the same conventions:
 
 1. a random crop of `crop_size` out of the tile (offsets uniform, rows then columns);

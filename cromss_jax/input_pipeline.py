@@ -1,37 +1,40 @@
-"""tf.data readers for pretraining (SSL4EO-S12@NoL) and downstream (DFC2020-style) data.
+"""Input pipelines: pretraining records (SSL4EO-S12@NoL) with grain, downstream sets with tf.data.
 
 Reads the TFDS datasets written by `data_prep` (record format: docs/DESIGN.md) and yields
 host-local numpy batches (the per-host share of the global batch; `sharding.py` assembles global
 arrays). Images stay uint8; the train step divides by 255 and computes the smoothing prior from
 `season_labels` on the device (docs/METHOD.md §4.12), so neither happens here.
 
-Guarantees:
-* Determinism: every random choice (file order, shuffle, season, crop, flips, rotation) is drawn
-  from stateless RNGs keyed by (config.seed, epoch, process index, element index), and every
-  parallel stage keeps its order, so a seed gives the same batches whatever the parallelism.
+Pretraining (`create_pretrain_iterator`): the records are array_record, one per (location,
+season), so a sample reads only the season it uses (plus the location's label maps for the
+prior). A training batch is whole uint8 tiles; the compiled train step crops, flips and rotates
+them (cromss_jax/augment.py). Each epoch visits every location once (in a random order, one
+random season each); `data.num_workers` processes read ahead (grain).
+
+Downstream (`create_downstream_iterator`): TFRecords of patches read with tf.data and augmented
+here (random crop, flips, `config.data.rotation`, docs/METHOD.md §2.3).
+
+Guarantees, for both:
+* Determinism: every random choice is drawn from stateless RNGs keyed by (config.seed, epoch,
+  ...) and every parallel stage keeps its order, so a seed gives the same batches whatever the
+  parallelism (number of workers or parallel calls).
 * Resume: a train iterator started at global step k yields exactly batches k, k+1, ... of an
-  uninterrupted run (epoch = k // steps_per_epoch, the rest is skipped inside that epoch).
-* Host sharding: each process reads a disjoint part (whole files when there are at least as many
-  files as processes, else every n-th example); every host yields the same number of batches.
+  uninterrupted run.
+* Host sharding: each process reads a disjoint part of every epoch; every host yields the same
+  number of batches. (Pretraining: host h takes slice h of each global batch, so the global batch
+  does not depend on the number of hosts.)
 * Evaluation iterators cover the split exactly once across hosts; the last batches are padded
   with repeated examples and `valid` (bool [b]) marks the real ones.
-* The sequence depends on the seed, process count, global batch, steps per epoch, shuffle buffer
-  and `config.data.cache` (which keeps each host's files fixed instead of redrawing them every
-  epoch, so the in-memory cache of serialized records can be reused).
+* The downstream sequence also depends on the shuffle buffer and `config.data.cache` (which keeps
+  each host's files fixed instead of redrawing them every epoch, so the in-memory cache of
+  serialized records can be reused).
 
-Where the augmentation runs: for pretraining with `config.data.augment_on='device'` (the
-default) the train stream only picks the season and yields whole tiles (s1, s2, labels,
-season_labels, clean_labels all uint8, [b, tile, tile, ...]); the compiled train step crops,
-flips and rotates them (cromss_jax/augment.py, the same transforms as below, jax.random draws).
-With 'host', and for the downstream data and every evaluation stream, it happens here.
-
-Augmentation (training only; docs/METHOD.md §2.3): random season, random crop (centre crop for
-evaluation), independent h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob,
-angle uniform in [-90, 90] degrees, reflect padding, bilinear for images and nearest for labels,
-like albumentations' Rotate), 'rot90' (p=rotation_prob, a random non-zero multiple of 90 degrees)
-or 'none'. Every label map (chosen, clean, all seasons) follows the image exactly.
-`config.data.image_interpolation` ('bilinear' or 'nearest') sets the image resampling of the free
-rotation. Borders are mirrored including the edge pixel ("dcba|abcd", numpy
+Downstream augmentation (training only): random crop (centre crop for evaluation), independent
+h/v flips (p=0.5), and `config.data.rotation`: 'free' (p=rotation_prob, angle uniform in
+[-90, 90] degrees, reflect padding, bilinear for images and nearest for labels, like
+albumentations' Rotate), 'rot90' (p=rotation_prob, a random non-zero multiple of 90 degrees) or
+'none'. `config.data.image_interpolation` ('bilinear' or 'nearest') sets the image resampling of
+the free rotation. Borders are mirrored including the edge pixel ("dcba|abcd", numpy
 'symmetric'); albumentations' default mirrors without it ("dcb|abcd"); only the rotated-in
 corners differ.
 """
@@ -42,6 +45,7 @@ import math
 import os
 from typing import Any, Callable, Iterator
 
+from absl import flags
 from absl import logging
 import ml_collections
 import numpy as np
@@ -56,6 +60,7 @@ Batch = dict[str, np.ndarray]
 _AUTOTUNE = tf.data.AUTOTUNE
 # Salts that keep the independent random streams of one element apart.
 _FILES_SALT, _SHUFFLE_SALT, _EVAL_SALT = 1, 2, 3
+_TRAIN_SALT = 4   # the pretraining stream's location order and seasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,12 +71,15 @@ class _DatasetKind:
   label_key: str
   id_key: str
   seasonal: bool
+  file_format: str
 
 
 _PRETRAIN = _DatasetKind(name='ssl4eo_s12_nol', command='python -m data_prep.ssl4eo',
-                         label_key='labels', id_key='location_id', seasonal=True)
+                         label_key='season_labels', id_key='location_id', seasonal=True,
+                         file_format='array_record')
 _DOWNSTREAM = _DatasetKind(name='dfc2020', command='python -m data_prep.dfc2020',
-                           label_key='label', id_key='patch_id', seasonal=False)
+                           label_key='label', id_key='patch_id', seasonal=False,
+                           file_format='tfrecord')
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,22 +179,24 @@ def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Sour
   dataset_dir = _find_dataset_dir(config.data.dataset_dir, kind)
   builder = tfds.builder_from_directory(dataset_dir)
   features = builder.info.features
-  required = ('s1', 's2', kind.label_key) + ((kind.id_key,) if kind.seasonal else ())
+  required = ('s1', 's2', kind.label_key) + (('location_id', 'season') if kind.seasonal else ())
   missing = [k for k in required if k not in features]
   if missing:
     raise ValueError(
         f'{dataset_dir} lacks the features {missing} of a {kind.name}-style dataset (it has '
-        f'{sorted(features.keys())}); was it written by `{kind.command}`?')
-  file_format = str(builder.info.file_format).lower()
-  if 'tfrecord' not in file_format:
-    raise ValueError(f'{dataset_dir} is stored as {file_format}; only TFRecord is supported.')
+        f'{sorted(features.keys())}); was it written by the current `{kind.command}`? '
+        'Converting again with the same command writes the current layout.')
+  file_format = str(builder.info.file_format.value if builder.info.file_format else 'tfrecord')
+  if file_format != kind.file_format:
+    raise ValueError(f'{dataset_dir} is stored as {file_format}; {kind.name}-style data must be '
+                     f'{kind.file_format} (convert it with `{kind.command}`).')
 
   s1_shape = tuple(features['s1'].shape)
   s2_shape = tuple(features['s2'].shape)
   label_shape = tuple(features[kind.label_key].shape)
-  spatial_rank = 3 if kind.seasonal else 2   # [T,H,W,C] or [H,W,C]
-  if len(s2_shape) != spatial_rank + 1 or s1_shape[:-1] != s2_shape[:-1] or \
-      label_shape != s2_shape[:-1]:
+  # Both kinds store one image per record: [H,W,C]; pretraining adds all seasons' labels [T,H,W].
+  expected_labels = s2_shape[:-1] if not kind.seasonal else label_shape[:1] + s2_shape[:-1]
+  if len(s2_shape) != 3 or s1_shape[:-1] != s2_shape[:-1] or label_shape != expected_labels:
     raise ValueError(f'{dataset_dir}: unexpected shapes s1 {s1_shape}, s2 {s2_shape}, '
                      f'{kind.label_key} {label_shape} (see docs/DESIGN.md).')
   height, width = s2_shape[-3], s2_shape[-2]
@@ -221,7 +231,7 @@ def _load_source(config: ml_collections.ConfigDict, kind: _DatasetKind) -> _Sour
   return _Source(
       kind=kind, builder=builder, dataset_dir=dataset_dir, tile_size=tile_size,
       band_indices=band_indices, s1_channels=s1_shape[-1], s2_channels=s2_bands,
-      num_seasons=s2_shape[0] if kind.seasonal else 0,
+      num_seasons=label_shape[0] if kind.seasonal else 0,
       has_clean_labels=kind.seasonal and 'clean_labels' in features)
 
 
@@ -278,19 +288,40 @@ def steps_per_epoch(config: ml_collections.ConfigDict, num_train_examples: int) 
   return steps
 
 
+def _num_locations(source: _Source, split: str) -> int:
+  """Locations of a pretraining split: its records come in runs of one per season."""
+  records = sum(_split_files(source, split)[1])
+  if records % source.num_seasons:
+    raise ValueError(f'Split {split!r} of {source.dataset_dir} holds {records} records, not a '
+                     f'multiple of its {source.num_seasons} seasons; convert it again with '
+                     f'`{source.kind.command}`.')
+  return records // source.num_seasons
+
+
+def _split_sizes(source: _Source, split: str, process_count: int) -> tuple[int, list[int]]:
+  """(samples in the split, samples per host of an evaluation pass over it).
+
+  A pretraining sample is a location (one of its seasons is drawn), a downstream one a patch.
+  """
+  if source.kind.seasonal:
+    total = _num_locations(source, split)
+    return total, [len(range(h, total, process_count)) for h in range(process_count)]
+  lengths = _split_files(source, split)[1]
+  return sum(lengths), _host_counts(lengths, process_count)[1]
+
+
 def _info(config: ml_collections.ConfigDict, source: _Source, train_split: str,
           eval_split: str, process_count: int) -> PipelineInfo:
   phb = _per_host_batch(config, process_count)
-  _, train_lengths = _split_files(source, train_split)
+  num_train, _ = _split_sizes(source, train_split, process_count)
   num_eval, eval_steps = 0, 0
   if eval_split in source.builder.info.splits:
-    _, eval_lengths = _split_files(source, eval_split)
-    _, counts = _host_counts(eval_lengths, process_count)
-    num_eval, eval_steps = sum(eval_lengths), max(1, math.ceil(max(counts) / phb))
+    num_eval, counts = _split_sizes(source, eval_split, process_count)
+    eval_steps = max(1, math.ceil(max(counts) / phb))
   return PipelineInfo(
       dataset_dir=source.dataset_dir, train_split=train_split, eval_split=eval_split,
-      num_train_examples=sum(train_lengths), num_eval_examples=num_eval,
-      steps_per_epoch=steps_per_epoch(config, sum(train_lengths)), eval_steps=eval_steps,
+      num_train_examples=num_train, num_eval_examples=num_eval,
+      steps_per_epoch=steps_per_epoch(config, num_train), eval_steps=eval_steps,
       global_batch=config.training.global_batch_size, per_host_batch=phb,
       process_count=process_count, tile_size=source.tile_size,
       crop_size=config.data.crop_size, s1_channels=source.s1_channels,
@@ -439,61 +470,6 @@ def _select_bands(s2: tf.Tensor, source: _Source) -> tf.Tensor:
       runs.append(s2[..., indices[start]:indices[i - 1] + 1])
       start = i
   return tf.concat(runs, axis=-1)
-
-
-def _pretrain_element(source: _Source, aug: _Augment, with_ids: bool,
-                      whole_tiles: bool = False
-                      ) -> Callable[[dict[str, tf.Tensor], tf.Tensor, bool], dict[str, tf.Tensor]]:
-  """One location -> one sample: a season, its images and all label maps, augmented.
-
-  With `whole_tiles` a training sample is left whole and uint8 for the train step to augment
-  (augment_on='device'); the season is drawn from the same key either way.
-  """
-  seasons = source.num_seasons
-
-  def whole(ex: dict[str, tf.Tensor], season: tf.Tensor) -> dict[str, tf.Tensor]:
-    out = {
-        's1': tf.gather(ex['s1'], season),
-        's2': _select_bands(tf.gather(ex['s2'], season), source),
-        'labels': tf.gather(ex['labels'], season),
-        'season_labels': ex['labels'],
-        'season': season,
-    }
-    if source.has_clean_labels:
-      out['clean_labels'] = tf.gather(ex['clean_labels'], season)
-    return out
-
-  def element(ex: dict[str, tf.Tensor], key: tf.Tensor, train: bool) -> dict[str, tf.Tensor]:
-    if not train:   # evaluation: a fixed season per location, whatever the sharding
-      key = tf.random.experimental.stateless_fold_in(key, ex['location_id'])
-    season_key, geometry_key = tf.unstack(tf.random.experimental.stateless_split(key, 2))
-    season = tf.random.stateless_uniform([], season_key, minval=0, maxval=seasons,
-                                         dtype=tf.int32)
-    if train and whole_tiles:
-      out = whole(ex, season)
-      if with_ids:
-        out['location_id'] = ex['location_id']
-      return out
-    s1 = tf.gather(ex['s1'], season)
-    s2 = _select_bands(tf.gather(ex['s2'], season), source)
-    maps = [ex['labels']] + ([ex['clean_labels']] if source.has_clean_labels else [])
-    maps = tf.transpose(tf.concat(maps, axis=0), [1, 2, 0])          # [H, W, T or 2T]
-    images, maps = _geometry(tf.concat([s1, s2], axis=-1), maps, geometry_key, aug, train)
-    maps = tf.transpose(maps, [2, 0, 1])
-    out = {
-        's1': images[..., :source.s1_channels],
-        's2': images[..., source.s1_channels:],
-        'labels': tf.cast(tf.gather(maps, season), tf.int32),
-        'season_labels': maps[:seasons],
-        'season': season,
-    }
-    if source.has_clean_labels:
-      out['clean_labels'] = tf.cast(tf.gather(maps, seasons + season), tf.int32)
-    if with_ids:
-      out['location_id'] = ex['location_id']
-    return out
-
-  return element
 
 
 def _downstream_element(source: _Source, aug: _Augment, with_ids: bool
@@ -673,6 +649,147 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
   return _finish(ds, config, phb)
 
 
+# ------------------------------------------------------------------------------------------------
+# Pretraining: random access to (location, season) records, read with grain.
+#
+# Sample q of an epoch (q < steps_per_epoch * global_batch) is location perm[q % L] in the
+# epoch's pass q // L over the L locations, with the season drawn for it; step k of the epoch is
+# samples [k * G, (k + 1) * G) and host h takes slice h of length G / P. Every choice is a pure
+# function of (seed, epoch, pass, position), so a batch depends only on its step: any number of
+# worker processes gives the same batches, a run resumed at step k continues exactly, and the
+# global batch is the same whatever the number of hosts.
+
+
+def _epoch_order(seed: int, epoch: int, epoch_pass: int, num_locations: int, num_seasons: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+  """(location order, season of each position) of one pass over the split in one epoch."""
+  rng = np.random.default_rng([seed, _TRAIN_SALT, epoch, epoch_pass])
+  return rng.permutation(num_locations), rng.integers(0, num_seasons, num_locations)
+
+
+def eval_season(seed: int, location_position: int, num_seasons: int) -> int:
+  """The fixed season evaluated for a location (by its position in the split)."""
+  return int(np.random.default_rng([seed, _EVAL_SALT, location_position]).integers(num_seasons))
+
+
+class _PretrainSampler:
+  """position in the host's stream -> one sample (numpy), read from the split's records.
+
+  Picklable: grain sends it to its worker processes, each of which opens its own reader.
+  """
+
+  def __init__(self, source: _Source, split: str, *, train: bool, seed: int, crop: int,
+               with_ids: bool, steps_per_epoch: int = 0, global_batch: int = 0,
+               per_host_batch: int = 0, process_index: int = 0, process_count: int = 1,
+               host_locations: tuple[int, ...] = ()):
+    self._dataset_dir = source.dataset_dir
+    self._split = split
+    self._train = train
+    self._seed = seed
+    self._crop = crop
+    self._with_ids = with_ids
+    self._seasons = source.num_seasons
+    self._tile = source.tile_size
+    self._bands = None if source.band_indices is None else list(source.band_indices)
+    self._has_clean = source.has_clean_labels
+    self._locations = _num_locations(source, split)
+    self._steps_per_epoch = steps_per_epoch
+    self._global_batch = global_batch
+    self._per_host_batch = per_host_batch
+    self._process_index = process_index
+    self._host_locations = host_locations
+    self._reader = None
+    self._orders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+
+  def __getstate__(self) -> dict[str, Any]:
+    return {**self.__dict__, '_reader': None, '_orders': {}}
+
+  def _record(self, position: int, season: int) -> dict[str, Any]:
+    if self._reader is None:
+      self._reader = tfds.builder_from_directory(self._dataset_dir).as_data_source(self._split)
+    index = position * self._seasons + season
+    record = self._reader[index]
+    if int(record['season']) != season:
+      raise ValueError(
+          f'{self._dataset_dir} ({self._split}): record {index} holds season '
+          f'{int(record["season"])}, expected {season}; the records are not in the (location, '
+          'season) order `python -m data_prep.ssl4eo` writes. Convert the data again.')
+    return record
+
+  def _train_choice(self, q: int) -> tuple[int, int]:
+    """Host stream position -> (location position, season)."""
+    per_host_epoch = self._steps_per_epoch * self._per_host_batch
+    epoch, within = divmod(q, per_host_epoch)
+    step, slot = divmod(within, self._per_host_batch)
+    sample = step * self._global_batch + self._process_index * self._per_host_batch + slot
+    epoch_pass, position = divmod(sample, self._locations)
+    key = (epoch, epoch_pass)
+    if key not in self._orders:
+      if len(self._orders) >= 4:
+        self._orders.pop(next(iter(self._orders)))
+      self._orders[key] = _epoch_order(self._seed, epoch, epoch_pass, self._locations,
+                                       self._seasons)
+    order, seasons = self._orders[key]
+    return int(order[position]), int(seasons[position])
+
+  def __call__(self, q: int) -> dict[str, np.ndarray]:
+    if self._train:
+      location, season = self._train_choice(q)
+      valid = True
+    else:   # evaluation: padded to the same length on every host with `valid` False
+      valid = q < len(self._host_locations)
+      location = self._host_locations[q if valid else 0]
+      season = eval_season(self._seed, location, self._seasons)
+    record = self._record(location, season)
+    s2 = record['s2'] if self._bands is None else record['s2'][..., self._bands]
+    out = {'s1': record['s1'], 's2': s2, 'labels': record['season_labels'][season],
+           'season_labels': record['season_labels'], 'season': np.int32(season)}
+    if self._has_clean:
+      out['clean_labels'] = record['clean_labels']
+    if self._train:   # whole uint8 tiles: the train step crops, flips and rotates them
+      return self._with_id(out, record)
+    lo = (self._tile - self._crop) // 2
+    window = slice(lo, lo + self._crop)
+    out['s1'], out['s2'] = out['s1'][window, window], out['s2'][window, window]
+    out['season_labels'] = out['season_labels'][:, window, window]
+    out['labels'] = out['labels'][window, window].astype(np.int32)
+    if self._has_clean:
+      out['clean_labels'] = out['clean_labels'][window, window].astype(np.int32)
+    out['valid'] = np.bool_(valid)
+    return self._with_id(out, record)
+
+  def _with_id(self, out: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    if self._with_ids:
+      out['location_id'] = np.int64(record['location_id'])
+    return out
+
+
+def _grain_iterator(samples: Any, config: ml_collections.ConfigDict, per_host_batch: int
+                    ) -> Iterator[Batch]:
+  """Samples -> host batches, read ahead by `data.num_workers` processes (0: threads here)."""
+  import grain  # pylint: disable=g-import-not-at-top  (pretraining only)
+  workers = config.data.num_workers
+  prefetch = config.data.prefetch if config.data.prefetch >= 0 else 2
+  buffered = prefetch * per_host_batch
+  if workers > 0:
+    if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (outside an absl app)
+      flags.FLAGS.mark_as_parsed()
+    ds = samples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=workers, per_worker_buffer_size=max(1, buffered // workers)))
+  else:
+    ds = samples.to_iter_dataset(grain.ReadOptions(num_threads=min(16, max(1, buffered)),
+                                                   prefetch_buffer_size=buffered))
+  return iter(ds.batch(per_host_batch, drop_remainder=True))
+
+
+def pretrain_stream(config: ml_collections.ConfigDict, info: PipelineInfo) -> dict[str, Any]:
+  """What besides the step fixes the pretraining batches (saved with every checkpoint)."""
+  return {'reader': 'location_season_v1', 'train_locations': info.num_train_examples,
+          'num_seasons': info.num_seasons, 'seed': int(config.seed),
+          'global_batch': info.global_batch, 'steps_per_epoch': info.steps_per_epoch}
+
+
 def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'train', *,
                              train: bool | None = None, start_step: int = 0,
                              num_steps: int | None = None, seed: int | None = None,
@@ -681,15 +798,17 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
                              with_ids: bool = False) -> Iterator[Batch]:
   """Host-local pretraining batches (docs/DESIGN.md 'Batches') of the TFDS `ssl4eo_s12_nol`.
 
-  With config.data.augment_on='device' a training batch holds whole tiles, all uint8, for the
-  train step to augment (cromss_jax/augment.py); with 'host' it is augmented here (crops, int32
-  `labels` / `clean_labels`). Evaluation batches are centre crops either way.
+  A training batch holds whole tiles, all uint8 (`labels` is the drawn season's noisy map,
+  `season_labels` all of them), for the train step to crop, flip and rotate
+  (cromss_jax/augment.py). Evaluation batches are centre crops with int32 `labels` (and
+  `clean_labels`) and a `valid` key.
 
   Args:
     config: the pretraining config (`data`, `training.global_batch_size`, `seed`).
     split: TFDS split to read ('train' or 'validation').
-    train: augmented (or whole, see above), shuffled and endless (True) or one fixed-order,
-      centre-cropped, padded pass with a `valid` key (False). Defaults to `split == 'train'`.
+    train: shuffled, one random season per location and endless (True) or one fixed-order pass
+      with a fixed season per location, padded to the same batch count on every host (False).
+      Defaults to `split == 'train'`.
     start_step: (train) global step of the first batch; resuming at k yields batches k, k+1, ...
       of the run that started at 0.
     num_steps: (train) stop after this many batches; None = endless.
@@ -701,16 +820,38 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
   Returns:
     An iterator of numpy dicts with leading dimension global_batch_size // process_count.
   """
+  import grain  # pylint: disable=g-import-not-at-top  (pretraining only)
+  config_validation.validate_keys(config, ('data.num_workers', 'data.prefetch'))
   source = _load_source(config, _PRETRAIN)
   train = split == 'train' if train is None else train
-  aug = _augment_config(config)
-  config_validation.validate_keys(config, ('data.augment_on',))
-  element_fn = _pretrain_element(source, aug, with_ids,
-                                 whole_tiles=config.data.augment_on == 'device')
-  return _create_iterator(
-      config, source, split, train=train, element_fn=element_fn,
-      start_step=start_step, num_steps=num_steps, seed=seed,
-      process_index=process_index, process_count=process_count)
+  process_index, process_count = _resolve_hosts(process_index, process_count)
+  phb = _per_host_batch(config, process_count)
+  seed = config.seed if seed is None else seed
+  locations = _num_locations(source, split)
+  common = dict(train=train, seed=seed, crop=config.data.crop_size, with_ids=with_ids)
+  if train:
+    if start_step < 0:
+      raise ValueError(f'start_step={start_step} must be >= 0.')
+    steps = steps_per_epoch(config, locations)
+    sampler = _PretrainSampler(source, split, steps_per_epoch=steps,
+                               global_batch=config.training.global_batch_size,
+                               per_host_batch=phb, process_index=process_index,
+                               process_count=process_count, **common)
+    stop = None if num_steps is None else (start_step + num_steps) * phb
+    positions = grain.MapDataset.range(start_step * phb, stop if stop is not None else 2**62)
+    logging.info('%s/%s train stream: host %d/%d, %d locations x %d seasons, %d steps/epoch of '
+                 '%d per host, starting at step %d (epoch %d).', source.kind.name, split,
+                 process_index, process_count, locations, source.num_seasons, steps, phb,
+                 start_step, start_step // steps)
+  else:
+    host_locations = tuple(range(process_index, locations, process_count))
+    eval_steps = max(1, math.ceil(len(range(0, locations, process_count)) / phb))
+    sampler = _PretrainSampler(source, split, host_locations=host_locations, **common)
+    positions = grain.MapDataset.range(eval_steps * phb)
+    logging.info('%s/%s eval pass: host %d/%d, %d of %d locations in %d batches of %d.',
+                 source.kind.name, split, process_index, process_count, len(host_locations),
+                 locations, eval_steps, phb)
+  return _grain_iterator(positions.map(sampler), config, phb)
 
 
 def create_downstream_iterator(config: ml_collections.ConfigDict, split: str, *, train: bool,

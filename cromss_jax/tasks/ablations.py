@@ -156,7 +156,7 @@ def create_single_modal_task(config: ml_collections.ConfigDict, modality: str) -
 
   return Task(
       name=f'pretrain_{modality}_only',
-      # The data are the base task's: whole tiles when config.data.augment_on='device'.
+      # The data are the base task's: whole tiles, augmented in the step.
       learner=dataclasses.replace(base.learner,
                                   loss_fn=pretrain.augmented(loss_fn,
                                                              pretrain.device_augment(config)),

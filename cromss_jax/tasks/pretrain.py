@@ -36,10 +36,9 @@ def _pretrain_prior(batch: Batch, obj_cfg: ml_collections.ConfigDict) -> jax.Arr
   return objective.smoothing_prior(batch['season_labels'], batch['season'], obj_cfg)
 
 
-def device_augment(config: ml_collections.ConfigDict) -> augment_lib.AugmentConfig | None:
-  """The augmentation the train step applies (None: the host pipeline augments)."""
-  validate_keys(config, ('data.augment_on',))
-  return augment_lib.from_config(config) if config.data.augment_on == 'device' else None
+def device_augment(config: ml_collections.ConfigDict) -> augment_lib.AugmentConfig:
+  """The augmentation the train step applies to the whole tiles the pipeline reads."""
+  return augment_lib.from_config(config)
 
 
 def augmented(loss_fn: LossFn, augment: augment_lib.AugmentConfig | None) -> LossFn:
@@ -118,8 +117,8 @@ def summarise_confusions(sums: dict[str, np.ndarray]) -> dict[str, float]:
 def create_pretrain_learner(config: ml_collections.ConfigDict) -> Learner:
   """The two-branch network and the CromSS loss (all the compiled train step needs).
 
-  With config.data.augment_on='device' the loss augments the batch (whole tiles from the host)
-  inside the step; `init_batch` has the crop's shape either way.
+  The loss augments the batch (whole tiles from the host) inside the step; `init_batch` has
+  the crop's shape.
   """
   obj_cfg = config.objective
   model = models.build_pretrain_model(config.model, obj_cfg.num_classes, config.data.s2_bands)
@@ -154,7 +153,8 @@ def create_pretrain_task(config: ml_collections.ConfigDict) -> Task:
       data=Data(train_iterator=lambda start: input_pipeline.create_pretrain_iterator(
                     config, 'train', start_step=start),
                 steps_per_epoch=info.steps_per_epoch,
-                global_batch_size=config.training.global_batch_size),
+                global_batch_size=config.training.global_batch_size,
+                stream=input_pipeline.pretrain_stream(config, info)),
       evaluation=Evaluation(
           eval_fn=pretrain_eval_fn(learner.model, obj_cfg, info.has_clean_labels),
           summarise=summarise_confusions,

@@ -131,11 +131,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   tf.io.gfile.makedirs(workdir)
   with run_guard.WorkdirLock(workdir), _StopFlag() as stop:
     run_guard.check_and_record_config(workdir, config, allow_change=allow_config_change)
-    return _train_and_evaluate(config, workdir, task, stop)
+    return _train_and_evaluate(config, workdir, task, stop, allow_config_change)
+
+
+def _check_stream(recorded: Mapping | None, stream: Mapping, step: int, allow_change: bool
+                  ) -> None:
+  """Refuses to resume a data stream other than the checkpoint's (see task.Data.stream)."""
+  if recorded is None or dict(recorded) == dict(stream):
+    return
+  differing = '; '.join(f'{k}: {recorded.get(k, "<absent>")!r} -> {stream.get(k, "<absent>")!r}'
+                        for k in sorted(set(recorded) | set(stream))
+                        if recorded.get(k) != stream.get(k))
+  if not allow_change:
+    raise cli.UserError(
+        f'the checkpoint at step {step} was written with another training data stream '
+        f'({differing}), so resuming would not continue its sequence of batches. Point '
+        'config.data.dataset_dir at the same data, or pass --allow_config_change to resume '
+        'with the new stream.')
+  logging.warning('Resuming step %d with another data stream: %s.', step, differing)
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                        stop: _StopFlag) -> TrainState:
+                        stop: _StopFlag, allow_config_change: bool = False) -> TrainState:
   learner, data = task.learner, task.data
   mesh = sharding.create_mesh(config)
   steps_per_epoch = data.steps_per_epoch
@@ -151,6 +168,8 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
   if restored is not None:  # resume: restored into the abstract state, no init
     state, meta = restored
     history = list(meta.get('history', []))
+    _check_stream(meta.get('data_stream'), data.stream, int(jax.device_get(state.step)),
+                  allow_config_change)
   else:
     state, state_shardings = state_lib.init_state(learner, config, mesh, tx, plateau_tx)
   start_step = int(jax.device_get(state.step))
@@ -189,7 +208,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
                           f'{last_checkpoint()}. Lower the learning rate or check the data.')
     checkpointing.save(manager, step, state,
                        {'history': history, 'task': task.name,
-                        'steps_per_epoch': steps_per_epoch,
+                        'steps_per_epoch': steps_per_epoch, 'data_stream': dict(data.stream),
                         'config': config.to_json_best_effort(), **task.checkpoint_meta})
 
   train_iter = data.train_iterator(start_step)

@@ -26,6 +26,7 @@ LOCK_FILE = '.lock'
 # how long to train, and how the devices are arranged.
 MAY_CHANGE_ON_RESUME = (
     'data.dataset_dir', 'data.cache', 'data.num_parallel_calls', 'data.prefetch',
+    'data.num_workers',
     'training.num_epochs', 'training.log_every_steps', 'training.panel_every_epochs',
     'training.keep_checkpoints', 'training.checkpoint_every_epochs',
     'training.max_consecutive_nonfinite', 'training.eval_batch_size', 'mesh.')

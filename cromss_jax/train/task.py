@@ -43,10 +43,16 @@ class Learner:
 
 @dataclasses.dataclass(frozen=True)
 class Data:
-  """The training stream: `train_iterator(start_step)` resumes exactly at `start_step`."""
+  """The training stream: `train_iterator(start_step)` resumes exactly at `start_step`.
+
+  `stream` names everything besides the step that fixes the sequence of batches (dataset size,
+  seed, batch, ...). It is saved in every checkpoint, and a resume with another stream is
+  refused: the step alone would then point at other batches than those of the interrupted run.
+  """
   train_iterator: Callable[[int], Iterator[HostBatch]]
   steps_per_epoch: int
   global_batch_size: int
+  stream: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass(frozen=True)
