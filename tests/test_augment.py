@@ -280,16 +280,9 @@ def test_draw_rates_and_ranges():
 # ------------------------------------------------------------------------------------------------
 def test_config_key_and_errors():
   config = pretrain_config.get_config()
-  assert config.data.augment_on == 'device'
   assert pretrain.device_augment(config) == augment.AugmentConfig(
       crop_size=256, flip=True, rotation='free', rotation_prob=0.2,
       image_interpolation='bilinear')
-  config.data.augment_on = 'host'
-  assert pretrain.device_augment(config) is None
-  config.data.augment_on = 'gpu'
-  with pytest.raises(ConfigError, match=r"config\.data\.augment_on='gpu'.*'device', 'host'"):
-    pretrain.device_augment(config)
-  config.data.augment_on = 'device'
   config.data.rotation = 'spin'
   with pytest.raises(ConfigError, match=r'config\.data\.rotation'):
     pretrain.device_augment(config)
@@ -344,7 +337,6 @@ def test_loss_augments_whole_tiles_from_the_step_key():
   loss_shape = jax.eval_shape(learner.loss_fn, variables['params'], variables['batch_stats'],
                               tiles, epoch, rng)[0]
   assert loss_shape.shape == ()
-  config.data.augment_on = 'host'
-  host = pretrain.create_pretrain_learner(config)
+  unaugmented = pretrain.pretrain_loss_fn(learner.model, config.objective)
   with pytest.raises(Exception):   # 40 px tiles do not fit the U-Net without the crop
-    jax.eval_shape(host.loss_fn, variables['params'], variables['batch_stats'], tiles, epoch, rng)
+    jax.eval_shape(unaugmented, variables['params'], variables['batch_stats'], tiles, epoch, rng)

@@ -27,6 +27,7 @@ from configs import pretrain as pretrain_config
 from configs import transfer as transfer_config
 from cromss_jax import config_validation as cv
 from cromss_jax import constants
+import helpers
 
 REPO = Path(__file__).resolve().parents[1]
 NAN, INF = float('nan'), float('inf')
@@ -66,7 +67,8 @@ def _leaf_paths(config: ml_collections.ConfigDict, prefix: str = '') -> list[str
 BAD_VALUES = [
     # (config kind, key, value, what the message must say after the key)
     ('pretrain', 'training.log_every_steps', 0, 'an integer >= 1'),
-    ('pretrain', 'data.shuffle_buffer', 0, 'an integer >= 1'),
+    ('transfer', 'data.shuffle_buffer', 0, 'an integer >= 1'),
+    ('pretrain', 'data.num_workers', -1, 'an integer >= 0'),
     ('pretrain', 'optimizer.learning_rate', NAN, 'finite'),
     ('pretrain', 'optimizer.learning_rate', INF, 'finite'),
     ('pretrain', 'optimizer.learning_rate', -INF, 'finite'),
@@ -105,7 +107,7 @@ BAD_VALUES = [
     ('pretrain', 'data.rotation_prob', 1.5, '<= 1'),
     ('pretrain', 'data.rotation_prob', -0.1, '>= 0'),
     ('pretrain', 'data.image_interpolation', 'cubic', "'bilinear', 'nearest'"),
-    ('pretrain', 'data.num_parallel_calls', 0, r'>= 1 \(or -1\)'),
+    ('transfer', 'data.num_parallel_calls', 0, r'>= 1 \(or -1\)'),
     ('pretrain', 'data.prefetch', -2, r'>= 0 \(or -1\)'),
     ('pretrain', 'data.s2_bands', 5, 'one of 13, 12, 9, 3'),
     ('pretrain', 'data.tile_size', 16, '>= 32'),
@@ -172,7 +174,7 @@ GOOD_VALUES = [
     ('training.steps_per_epoch', -1), ('training.steps_per_epoch', 1), ('schedule.patience', 0),
     ('optimizer.b1', 0.0), ('optimizer.b2', 0.0), ('optimizer.learning_rate', 1.0),
     ('optimizer.weight_decay', 0.0), ('training.panel_every_epochs', 0), ('data.prefetch', -1),
-    ('data.prefetch', 0), ('data.num_parallel_calls', -1), ('data.num_parallel_calls', 4),
+    ('data.prefetch', 0), ('data.num_workers', 0), ('data.num_workers', 32),
     ('data.rotation', 'none'), ('data.rotation_prob', 1.0), ('objective.ramp_epochs', 0),
     ('mesh.data', 2), ('schedule.min_lr', 5e-3),
 ]
@@ -393,31 +395,31 @@ TILE, SEASONS = 64, 4
 
 
 def _write_dataset(root: Path, name: str, splits: dict[str, int], *, seasonal: bool) -> str:
-  """A TFDS version folder with `splits` {split: examples} of tiny records."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  """A TFDS version folder with `splits` {split: samples} of tiny records (pretraining:
+  array_record, one record per (location, season); downstream: TFRecord patches)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
   f = tfds.features
-  lead = (SEASONS,) if seasonal else ()
-  label_key = 'labels' if seasonal else 'label'
-  spec = {'s1': f.Tensor(shape=lead + (TILE, TILE, 2), dtype=np.uint8, encoding='zlib'),
-          's2': f.Tensor(shape=lead + (TILE, TILE, 13), dtype=np.uint8, encoding='zlib'),
-          label_key: f.Tensor(shape=lead + (TILE, TILE), dtype=np.uint8, encoding='zlib')}
-  spec.update({'location_id': f.Scalar(dtype=np.int64)} if seasonal else
-              {'patch_id': f.Text()})
-  features = f.FeaturesDict(spec)
-  folder = root / name / '1.0.0'
-  folder.mkdir(parents=True)
+  label_key, label_shape = (('season_labels', (SEASONS, TILE, TILE)) if seasonal else
+                            ('label', (TILE, TILE)))
+  spec = {'s1': f.Tensor(shape=(TILE, TILE, 2), dtype=np.uint8),
+          's2': f.Tensor(shape=(TILE, TILE, 13), dtype=np.uint8),
+          label_key: f.Tensor(shape=label_shape, dtype=np.uint8)}
+  spec.update({'location_id': f.Scalar(dtype=np.int64), 'season': f.Scalar(dtype=np.int64)}
+              if seasonal else {'patch_id': f.Text()})
   rng = np.random.default_rng(0)
+  records = {}
   for split, count in splits.items():
-    path = folder / f'{name}-{split}.tfrecord-00000-of-00001'
-    with tf.io.TFRecordWriter(str(path)) as writer:
-      for i in range(count):
-        example = {key: rng.integers(0, 8, feature.shape).astype(np.uint8)
-                   for key, feature in spec.items() if key in ('s1', 's2', label_key)}
-        example.update({'location_id': i} if seasonal else {'patch_id': f'p{i}'})
-        writer.write(features.serialize_example(example))
-  tfds.folder_dataset.write_metadata(data_dir=str(folder), features=features, check_data=False)
-  return str(folder)
+    examples = []
+    for i in range(count):
+      example = {key: rng.integers(0, 8, feature.shape).astype(np.uint8)
+                 for key, feature in spec.items() if key in ('s1', 's2', label_key)}
+      if seasonal:
+        examples += [dict(example, location_id=i, season=t) for t in range(SEASONS)]
+      else:
+        examples.append(dict(example, patch_id=f'p{i}'))
+    records[split] = [examples]
+  return helpers.write_tfds_folder(str(root / name / '1.0.0'), name, f.FeaturesDict(spec),
+                                   records, 'array_record' if seasonal else 'tfrecord')
 
 
 @pytest.fixture(scope='module')
@@ -556,7 +558,7 @@ CLI_CASES = {
     'log-every-0': ('configs/pretrain.py', ['--config.training.log_every_steps=0'],
                     r'^error: config\.training\.log_every_steps=0 is not allowed; expected an '
                     r'integer >= 1\.$'),
-    'shuffle-buffer-0': ('configs/pretrain.py', ['--config.data.shuffle_buffer=0'],
+    'shuffle-buffer-0': ('configs/transfer.py', ['--config.data.shuffle_buffer=0'],
                          r'config\.data\.shuffle_buffer=0 is not allowed'),
     'lr-nan': ('configs/pretrain.py', ['--config.optimizer.learning_rate=nan'],
                r'config\.optimizer\.learning_rate=nan is not allowed; every number must be '
@@ -628,13 +630,15 @@ def test_finite_checks_cover_tuples():
 
 
 def test_the_input_pipeline_applies_the_validators_rotation_rules(datasets):
-  """Library callers that skip validate_config still meet the same rotation rules."""
+  """Library callers that skip validate_config still meet the same rotation rules (pretraining
+  augments in the train step, transfer in the input pipeline)."""
   from cromss_jax import input_pipeline as ip  # pylint: disable=g-import-not-at-top
+  from cromss_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   config = _tiny(datasets['pretrain'])
   config.data.rotation = 'diagonal'
   with pytest.raises(cv.ConfigError, match=r"config\.data\.rotation='diagonal' is not allowed; "
                                            r"expected one of 'free', 'rot90', 'none'"):
-    ip.create_pretrain_iterator(config, process_index=0, process_count=1)
+    pretrain.create_pretrain_learner(config)
   config = _tiny(datasets['dfc'], 'transfer')
   config.data.image_interpolation = 'cubic'
   with pytest.raises(cv.ConfigError, match=r"config\.data\.image_interpolation='cubic'"):

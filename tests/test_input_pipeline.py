@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import tensorflow_datasets as tfds
-from array_record.python.array_record_module import ArrayRecordWriter
 
 from configs import pretrain as pretrain_config
 from configs import transfer as transfer_config
 from cromss_jax import constants
 from cromss_jax import input_pipeline as ip
+from helpers import write_tfds_folder
 
 TILE, CROP, SEASONS = 40, 32, 4
 DFC_TILE = 32
@@ -62,35 +62,8 @@ def _dfc_example(index: int, bands: int) -> dict:
 
 def _write(root: str, name: str, features, splits: dict, file_format: str = 'tfrecord') -> str:
   """splits: {split: [[example, ...] per shard]} -> the TFDS version folder."""
-  folder = os.path.join(root, name, '1.0.0')
-  os.makedirs(folder)
-  template = tfds.core.ShardedFileTemplate(
-      data_dir=tfds.core.Path(folder), template='{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
-      dataset_name=name, filetype_suffix=file_format)
-  split_infos = []
-  for split, shards in splits.items():
-    for i, shard in enumerate(shards):
-      path = os.path.join(folder, f'{name}-{split}.{file_format}-{i:05d}-of-{len(shards):05d}')
-      if file_format == 'array_record':
-        writer = ArrayRecordWriter(path, 'group_size:1,uncompressed')
-        for example in shard:
-          writer.write(features.serialize_example(example))
-        writer.close()
-      else:
-        with tf.io.TFRecordWriter(path) as writer:
-          for example in shard:
-            writer.write(features.serialize_example(example))
-    split_infos.append(tfds.core.SplitInfo(
-        name=split, shard_lengths=[len(shard) for shard in shards], num_bytes=0,
-        filename_template=template.replace(split=split)))
-  info = tfds.core.DatasetInfo(
-      builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version('1.0.0'),
-                                        data_dir=folder, module_name=''),
-      features=features)
-  info.set_file_format(tfds.core.FileFormat(file_format))
-  info.set_splits(tfds.core.SplitDict(split_infos))
-  info.write_to_directory(folder)
-  return folder
+  return write_tfds_folder(os.path.join(root, name, '1.0.0'), name, features, splits,
+                           file_format)
 
 
 def _pretrain_features(clean: bool):
