@@ -54,13 +54,13 @@ import tensorflow_datasets as tfds
 
 from cromss_jax import config_validation
 from cromss_jax import constants
+from cromss_jax import pretrain_reader
 
 Batch = dict[str, np.ndarray]
 
 _AUTOTUNE = tf.data.AUTOTUNE
 # Salts that keep the independent random streams of one element apart.
 _FILES_SALT, _SHUFFLE_SALT, _EVAL_SALT = 1, 2, 3
-_TRAIN_SALT = 4   # the pretraining stream's location order and seasons
 
 
 @dataclasses.dataclass(frozen=True)
@@ -650,118 +650,7 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
 
 
 # ------------------------------------------------------------------------------------------------
-# Pretraining: random access to (location, season) records, read with grain.
-#
-# Sample q of an epoch (q < steps_per_epoch * global_batch) is location perm[q % L] in the
-# epoch's pass q // L over the L locations, with the season drawn for it; step k of the epoch is
-# samples [k * G, (k + 1) * G) and host h takes slice h of length G / P. Every choice is a pure
-# function of (seed, epoch, pass, position), so a batch depends only on its step: any number of
-# worker processes gives the same batches, a run resumed at step k continues exactly, and the
-# global batch is the same whatever the number of hosts.
-
-
-def _epoch_order(seed: int, epoch: int, epoch_pass: int, num_locations: int, num_seasons: int
-                 ) -> tuple[np.ndarray, np.ndarray]:
-  """(location order, season of each position) of one pass over the split in one epoch."""
-  rng = np.random.default_rng([seed, _TRAIN_SALT, epoch, epoch_pass])
-  return rng.permutation(num_locations), rng.integers(0, num_seasons, num_locations)
-
-
-def eval_season(seed: int, location_position: int, num_seasons: int) -> int:
-  """The fixed season evaluated for a location (by its position in the split)."""
-  return int(np.random.default_rng([seed, _EVAL_SALT, location_position]).integers(num_seasons))
-
-
-class _PretrainSampler:
-  """position in the host's stream -> one sample (numpy), read from the split's records.
-
-  Picklable: grain sends it to its worker processes, each of which opens its own reader.
-  """
-
-  def __init__(self, source: _Source, split: str, *, train: bool, seed: int, crop: int,
-               with_ids: bool, steps_per_epoch: int = 0, global_batch: int = 0,
-               per_host_batch: int = 0, process_index: int = 0, process_count: int = 1,
-               host_locations: tuple[int, ...] = ()):
-    self._dataset_dir = source.dataset_dir
-    self._split = split
-    self._train = train
-    self._seed = seed
-    self._crop = crop
-    self._with_ids = with_ids
-    self._seasons = source.num_seasons
-    self._tile = source.tile_size
-    self._bands = None if source.band_indices is None else list(source.band_indices)
-    self._has_clean = source.has_clean_labels
-    self._locations = _num_locations(source, split)
-    self._steps_per_epoch = steps_per_epoch
-    self._global_batch = global_batch
-    self._per_host_batch = per_host_batch
-    self._process_index = process_index
-    self._host_locations = host_locations
-    self._reader = None
-    self._orders: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
-
-  def __getstate__(self) -> dict[str, Any]:
-    return {**self.__dict__, '_reader': None, '_orders': {}}
-
-  def _record(self, position: int, season: int) -> dict[str, Any]:
-    if self._reader is None:
-      self._reader = tfds.builder_from_directory(self._dataset_dir).as_data_source(self._split)
-    index = position * self._seasons + season
-    record = self._reader[index]
-    if int(record['season']) != season:
-      raise ValueError(
-          f'{self._dataset_dir} ({self._split}): record {index} holds season '
-          f'{int(record["season"])}, expected {season}; the records are not in the (location, '
-          'season) order `python -m data_prep.ssl4eo` writes. Convert the data again.')
-    return record
-
-  def _train_choice(self, q: int) -> tuple[int, int]:
-    """Host stream position -> (location position, season)."""
-    per_host_epoch = self._steps_per_epoch * self._per_host_batch
-    epoch, within = divmod(q, per_host_epoch)
-    step, slot = divmod(within, self._per_host_batch)
-    sample = step * self._global_batch + self._process_index * self._per_host_batch + slot
-    epoch_pass, position = divmod(sample, self._locations)
-    key = (epoch, epoch_pass)
-    if key not in self._orders:
-      if len(self._orders) >= 4:
-        self._orders.pop(next(iter(self._orders)))
-      self._orders[key] = _epoch_order(self._seed, epoch, epoch_pass, self._locations,
-                                       self._seasons)
-    order, seasons = self._orders[key]
-    return int(order[position]), int(seasons[position])
-
-  def __call__(self, q: int) -> dict[str, np.ndarray]:
-    if self._train:
-      location, season = self._train_choice(q)
-      valid = True
-    else:   # evaluation: padded to the same length on every host with `valid` False
-      valid = q < len(self._host_locations)
-      location = self._host_locations[q if valid else 0]
-      season = eval_season(self._seed, location, self._seasons)
-    record = self._record(location, season)
-    s2 = record['s2'] if self._bands is None else record['s2'][..., self._bands]
-    out = {'s1': record['s1'], 's2': s2, 'labels': record['season_labels'][season],
-           'season_labels': record['season_labels'], 'season': np.int32(season)}
-    if self._has_clean:
-      out['clean_labels'] = record['clean_labels']
-    if self._train:   # whole uint8 tiles: the train step crops, flips and rotates them
-      return self._with_id(out, record)
-    lo = (self._tile - self._crop) // 2
-    window = slice(lo, lo + self._crop)
-    out['s1'], out['s2'] = out['s1'][window, window], out['s2'][window, window]
-    out['season_labels'] = out['season_labels'][:, window, window]
-    out['labels'] = out['labels'][window, window].astype(np.int32)
-    if self._has_clean:
-      out['clean_labels'] = out['clean_labels'][window, window].astype(np.int32)
-    out['valid'] = np.bool_(valid)
-    return self._with_id(out, record)
-
-  def _with_id(self, out: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
-    if self._with_ids:
-      out['location_id'] = np.int64(record['location_id'])
-    return out
+# Pretraining: random access to (location, season) records (pretrain_reader), read with grain.
 
 
 def _grain_iterator(samples: Any, config: ml_collections.ConfigDict, per_host_batch: int
@@ -828,15 +717,18 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
   phb = _per_host_batch(config, process_count)
   seed = config.seed if seed is None else seed
   locations = _num_locations(source, split)
+  reader = pretrain_reader.RecordReader(
+      dataset_dir=source.dataset_dir, split=split, num_locations=locations,
+      num_seasons=source.num_seasons, tile_size=source.tile_size,
+      band_indices=source.band_indices, has_clean_labels=source.has_clean_labels)
   common = dict(train=train, seed=seed, crop=config.data.crop_size, with_ids=with_ids)
   if train:
     if start_step < 0:
       raise ValueError(f'start_step={start_step} must be >= 0.')
     steps = steps_per_epoch(config, locations)
-    sampler = _PretrainSampler(source, split, steps_per_epoch=steps,
-                               global_batch=config.training.global_batch_size,
-                               per_host_batch=phb, process_index=process_index,
-                               process_count=process_count, **common)
+    sampler = pretrain_reader.PretrainSampler(
+        reader, steps_per_epoch=steps, global_batch=config.training.global_batch_size,
+        per_host_batch=phb, process_index=process_index, **common)
     stop = None if num_steps is None else (start_step + num_steps) * phb
     positions = grain.MapDataset.range(start_step * phb, stop if stop is not None else 2**62)
     logging.info('%s/%s train stream: host %d/%d, %d locations x %d seasons, %d steps/epoch of '
@@ -846,7 +738,7 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
   else:
     host_locations = tuple(range(process_index, locations, process_count))
     eval_steps = max(1, math.ceil(len(range(0, locations, process_count)) / phb))
-    sampler = _PretrainSampler(source, split, host_locations=host_locations, **common)
+    sampler = pretrain_reader.PretrainSampler(reader, host_locations=host_locations, **common)
     positions = grain.MapDataset.range(eval_steps * phb)
     logging.info('%s/%s eval pass: host %d/%d, %d of %d locations in %d batches of %d.',
                  source.kind.name, split, process_index, process_count, len(host_locations),
