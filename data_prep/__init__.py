@@ -1,1 +1,2 @@
-"""Offline tools: GeoTIFF -> TFDS-readable TFRecords, and the generated demo dataset."""
+"""Offline tools: GeoTIFF -> TFDS-readable shards (array_record for pretraining, TFRecord for
+the downstream sets), and the generated demo dataset."""

@@ -1,17 +1,29 @@
-"""Shared machinery of the GeoTIFF -> TFRecord converters (`ssl4eo`, `dfc2020`).
+"""Shared machinery of the GeoTIFF -> TFDS converters (`ssl4eo`, `dfc2020`, `ssl4eo_dwosm`).
 
-A converter only says how ONE item (a location, a patch) becomes one example; this module does
+A converter only says how ONE item (a location, a patch) becomes its records; this module does
 the rest: raster reads with the checks that keep bad files out, a deterministic shard plan,
 parallel shard writing, resume after an interruption, and the TFDS metadata at the end.
 
+An item gives one or more records (`Converter.records`: ssl4eo writes one per (location,
+season)), written consecutively in item order. The shard format is the converter's
+`file_format`: `tfrecord` (read with `as_dataset`; the downstream sets) or `array_record`
+(random access with `as_data_source`, which `as_dataset` cannot read: the pretraining set, whose
+loader reads single records at random). ArrayRecord shards are written with
+`group_size:1,uncompressed`: one record per chunk is what makes a random read O(1), and
+uncompressed records read 2-3x faster than zstd/snappy ones (measured).
+
 Output directory DIR, loadable with `tfds.builder_from_directory(DIR)` once complete:
 
-  DIR/<name>-<split>.tfrecord-<i:05d>-of-<n:05d>  TFRecord shards, TFDS file naming
+  DIR/<name>-<split>.<format>-<i:05d>-of-<n:05d>  shards, TFDS file naming (<format>: tfrecord
+                                                  or array_record)
   DIR/dataset_info.json, DIR/features.json        TFDS metadata, written LAST (their presence
-                                                  means every shard is there)
-  DIR/conversion_summary.json                     counts per split: converted, skipped, ...
+                                                  means every shard is there); shard lengths
+                                                  count records
+  DIR/conversion_summary.json                     counts per split: converted (items),
+                                                  records, skipped, ...
   DIR/rejects.csv                                 `location,file,reason` per skipped item
-  DIR/.conversion_state/plan.json                 arguments + shard plan, checked on resume
+  DIR/.conversion_state/plan.json                 arguments, file format + shard plan,
+                                                  checked on resume
   DIR/.conversion_state/outputs.json              every file name above, recorded BEFORE it
                                                   is written: the only files ever deleted
   DIR/.conversion_state/<split>-<i:05d>.json      done-marker of one finished shard
@@ -22,9 +34,11 @@ A shard is written under a temporary name and `os.replace`d; its marker is writt
 only afterwards, so a shard counts as done only when both are there and agree in size. Re-running
 the same command skips done shards, except those whose recorded inputs changed (size or mtime,
 or a missing file that appeared): these are rebuilt, so fixing a rejected input and re-running
-converts it. Different arguments are refused unless `--overwrite`, which deletes only the files
-the earlier conversion recorded; names this conversion would write that exist unrecorded (e.g.
-another dataset's dataset_info.json) are refused even with `--overwrite`.
+converts it. Different arguments, or another shard format than the earlier conversion's (e.g.
+TFRecord shards of ssl4eo from before it wrote array_record), are refused unless `--overwrite`,
+which deletes only the files the earlier conversion recorded; names this conversion would write
+that exist unrecorded (e.g. another dataset's dataset_info.json) are refused even with
+`--overwrite`.
 
 Workers are processes (spawn) with one pipe each. A worker that dies (kill -9, the OOM killer) is
 noticed at once: its shard is rebuilt on a fresh worker up to `--max-retries` times, then given
@@ -61,7 +75,7 @@ import signal
 import sys
 import time
 import traceback
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 from absl import logging
 import numpy as np
@@ -75,6 +89,11 @@ REJECTS_FILE = 'rejects.csv'
 METADATA_FILES = ('dataset_info.json', 'features.json')
 FILENAME_TEMPLATE = '{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}'
 PLAN_FORMAT_VERSION = 1
+FILE_FORMATS = ('tfrecord', 'array_record')
+# The plan of a conversion made before plans recorded a file format wrote TFRecord shards.
+LEGACY_FILE_FORMAT = 'tfrecord'
+# One record per chunk (O(1) random reads), no compression (2-3x faster reads than zstd/snappy).
+ARRAY_RECORD_OPTIONS = 'group_size:1,uncompressed'
 
 
 class BadInput(Exception):
@@ -420,18 +439,29 @@ class Converter(abc.ABC):
   name: str  # TFDS dataset name, also the shard file prefix.
   unit: str = 'item'  # Progress-bar unit.
   counter_names: tuple[str, ...] = ()  # Always reported in the summary, even when 0.
+  file_format: str = 'tfrecord'  # Shard format: one of FILE_FORMATS.
 
   @abc.abstractmethod
   def features(self) -> Any:
-    """The tfds.features.FeaturesDict of one example."""
+    """The tfds.features.FeaturesDict of one record."""
 
   @abc.abstractmethod
   def convert(self, item: Any) -> tuple[dict[str, Any], dict[str, int]]:
     """Returns (example, counters such as non-finite values); raises BadInput when unusable.
 
+    The example is what `records` turns into the item's records (by default, the one record).
+
     Every file it reads must go through `read_raster`/`read_info` or be passed to `note_input`,
     so that a rerun notices when that file changed.
     """
+
+  def records(self, example: dict[str, Any]) -> list[dict[str, Any]]:
+    """The records (each one example of `features()`) that one converted item is written as.
+
+    Default: the example itself. Override to split an item into several records (ssl4eo: one
+    per season); they are written consecutively, in the order returned.
+    """
+    return [example]
 
   @abc.abstractmethod
   def item_name(self, item: Any) -> str:
@@ -454,8 +484,10 @@ class ShardTask:
     return f'{self.split}-{self.index:05d}'
 
 
-def shard_filename(name: str, split: str, index: int, num_shards: int) -> str:
-  return f'{name}-{split}.tfrecord-{index:05d}-of-{num_shards:05d}'
+def shard_filename(name: str, split: str, index: int, num_shards: int,
+                   file_format: str = 'tfrecord') -> str:
+  """TFDS's shard file name, whose suffix names the format (TFDS finds the shards by it)."""
+  return f'{name}-{split}.{file_format}-{index:05d}-of-{num_shards:05d}'
 
 
 def plan_shards(splits: Mapping[str, Sequence[Any]], examples_per_shard: int) -> list[ShardTask]:
@@ -624,21 +656,65 @@ def _convert_recorded(converter: Converter, item: Any) -> tuple[Any, dict[str, l
     _RECORDING = None
 
 
+@contextlib.contextmanager
+def _shard_writer(path: str, file_format: str) -> Iterator[Callable[[bytes], None]]:
+  """A `write(bytes)` callable appending records to a new shard file of `file_format`."""
+  if file_format == 'tfrecord':
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    with tf.io.TFRecordWriter(os.fsencode(path)) as writer:
+      yield writer.write
+    return
+  if file_format != 'array_record':
+    raise ValueError(f'file_format must be one of {FILE_FORMATS}, got {file_format!r}')
+  from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+  writer = array_record_module.ArrayRecordWriter(path, ARRAY_RECORD_OPTIONS)
+  if not writer.ok():  # It does not raise when the file cannot be created.
+    raise OSError(f'{path}: cannot create the array_record file')
+
+  def write(blob: bytes) -> None:
+    try:
+      writer.write(blob)
+    except RuntimeError as err:  # e.g. no space left: an OSError like TFRecord's, for messages.
+      raise OSError(f'{path}: {err}') from None
+
+  try:
+    yield write
+  except BaseException:
+    with contextlib.suppress(RuntimeError):
+      writer.close()
+    raise
+  try:
+    writer.close()
+  except RuntimeError as err:
+    raise OSError(f'{path}: {err}') from None
+
+
+def _serialize(features: Any, record: dict[str, Any]) -> bytes:
+  """TFDS serialisation of one record, re-serialised with sorted map keys: bytes independent of
+  the process's hash seed, so a resumed shard is identical to the one an uninterrupted run
+  writes."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+
+  return (tf.train.Example.FromString(features.serialize_example(record))
+          .SerializeToString(deterministic=True))
+
+
 def _build_shard(task: ShardTask) -> dict[str, Any]:
   """Converts the shard's items, writes the shard atomically, then its done-marker."""
   import rasterio  # pylint: disable=g-import-not-at-top
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
 
   converter: Converter = _WORKER['converter']
   features = _WORKER['features']
   out_dir = _WORKER['out_dir']
   state_dir = os.path.join(out_dir, STATE_DIR)
-  filename = shard_filename(converter.name, task.split, task.index, task.num_shards)
+  filename = shard_filename(converter.name, task.split, task.index, task.num_shards,
+                            converter.file_format)
   tmp_path = os.path.join(state_dir, f'{filename}.tmp-{os.getpid()}')
-  rejects, counters, converted, inputs = [], collections.Counter(), 0, {}
+  rejects, counters, converted, num_records, inputs = [], collections.Counter(), 0, 0, {}
   # Skipping the sibling-directory listing makes each open cheaper on big/network folders.
   with rasterio.Env(GDAL_DISABLE_READDIR_ON_OPEN='EMPTY_DIR'), \
-      tf.io.TFRecordWriter(os.fsencode(tmp_path)) as writer:
+      _shard_writer(tmp_path, converter.file_format) as write:
     for item in task.items:
       name = printable(converter.item_name(item))
       try:
@@ -647,12 +723,9 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
         if isinstance(result, Exception):
           raise result
         example, item_counters = result
-        # Re-serialised with sorted map keys: bytes independent of the process's hash seed,
-        # so a resumed shard is identical to the one an uninterrupted run writes.
-        writer.write(tf.train.Example.FromString(features.serialize_example(example))
-                     .SerializeToString(deterministic=True))
-        counters.update(item_counters)
-        converted += 1
+        # All of an item's records are serialised before the first is written: an item that
+        # fails leaves none of them in the shard.
+        blobs = [_serialize(features, r) for r in converter.records(example)]
       except BadInput as err:
         if _WORKER['strict']:
           raise
@@ -662,12 +735,20 @@ def _build_shard(task: ShardTask) -> dict[str, Any]:
           raise
         logging.exception('Unexpected error on %s', name)
         rejects.append([name, '', printable(f'unexpected_error: {type(err).__name__}: {err}')])
+      else:
+        for blob in blobs:  # A failed write (no space left) fails the shard, not the item.
+          write(blob)
+        counters.update(item_counters)
+        converted += 1
+        num_records += len(blobs)
       _WORKER['tick']()
   with open(tmp_path, 'rb') as f:
     os.fsync(f.fileno())
   os.replace(tmp_path, os.path.join(out_dir, filename))
+  # num_examples: records (what TFDS's shard_lengths count); converted: items.
   marker = {'split': task.split, 'index': task.index, 'num_shards': task.num_shards,
-            'file': filename, 'planned': len(task.items), 'num_examples': converted,
+            'file': filename, 'planned': len(task.items), 'converted': converted,
+            'num_examples': num_records,
             'num_bytes': os.path.getsize(os.path.join(out_dir, filename)),
             'rejects': rejects, 'counters': dict(counters),
             'inputs_sha256': _write_inputs(out_dir, task.key, inputs)}
@@ -718,7 +799,8 @@ def _os_error_text(err: OSError) -> str:
 MAX_START_FAILURES = 3  # Worker processes dying before they are ready, in a row: then stop.
 
 
-def _load_done_marker(out_dir: str, task: ShardTask, name: str) -> dict[str, Any] | None:
+def _load_done_marker(out_dir: str, task: ShardTask, name: str,
+                      file_format: str) -> dict[str, Any] | None:
   """The marker of a finished shard, or None when the shard must be (re)built."""
   marker_path = os.path.join(out_dir, STATE_DIR, task.key + '.json')
   try:
@@ -726,10 +808,13 @@ def _load_done_marker(out_dir: str, task: ShardTask, name: str) -> dict[str, Any
       marker = json.load(f)
   except (OSError, ValueError):
     return None
-  shard = os.path.join(out_dir, shard_filename(name, task.split, task.index, task.num_shards))
+  filename = shard_filename(name, task.split, task.index, task.num_shards, file_format)
+  shard = os.path.join(out_dir, filename)
   if (marker.get('num_shards') != task.num_shards or marker.get('planned') != len(task.items)
+      or marker.get('file') != filename or 'num_examples' not in marker
       or not os.path.isfile(shard) or os.path.getsize(shard) != marker.get('num_bytes')):
     return None
+  marker.setdefault('converted', marker['num_examples'])  # Older markers: one record per item.
   return marker
 
 
@@ -738,8 +823,13 @@ _STATE_FILE_RE = re.compile(r'(plan|outputs)\.json$|[\w]+-\d{5}(\.json|'
                             + re.escape(INPUTS_SUFFIX) + r')$|.*\.tmp(-\d+)?$')
 
 
+def _plan_file_format(plan: Mapping[str, Any]) -> str:
+  return plan.get('file_format', LEGACY_FILE_FORMAT)
+
+
 def _planned_outputs(plan: Mapping[str, Any]) -> list[str]:
-  shards = [shard_filename(plan['dataset'], s['split'], s['index'], s['num_shards'])
+  shards = [shard_filename(plan['dataset'], s['split'], s['index'], s['num_shards'],
+                           _plan_file_format(plan))
             for s in plan.get('shards', ())]
   return shards + list(METADATA_FILES) + [SUMMARY_FILE, REJECTS_FILE]
 
@@ -826,6 +916,14 @@ def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: boo
                               'to discard the earlier conversion and start over') from None
       old = {}
   recorded = _recorded_outputs(state_dir, old)
+  if old:  # A plan written before plans named the file format: TFRecord shards.
+    old = dict(old, file_format=_plan_file_format(old))
+  if not overwrite and old and old['file_format'] != plan['file_format']:
+    raise ConversionError(
+        f'{printable(out_dir)} holds {old["file_format"]} shards of an earlier conversion, but '
+        f'{plan["dataset"]} is now written as {plan["file_format"]} (the records cannot be '
+        'reused): pass --overwrite to discard that conversion and start over, or choose another '
+        '--out.')
   if not overwrite and old is not None and old != plan:
     raise ConversionError(
         f'{printable(out_dir)} holds a conversion made with other arguments or inputs '
@@ -1047,9 +1145,9 @@ def _write_reports(out_dir: str, converter: Converter, tasks: list[ShardTask],
     marker = markers[task.key]
     entry = splits.setdefault(task.split,
                               collections.Counter(dict.fromkeys(converter.counter_names, 0)))
-    entry.update({'planned': marker['planned'], 'converted': marker['num_examples'],
-                  'skipped': len(marker['rejects']), 'shards': 1,
-                  'num_bytes': marker['num_bytes']})
+    entry.update({'planned': marker['planned'], 'converted': marker['converted'],
+                  'records': marker['num_examples'], 'skipped': len(marker['rejects']),
+                  'shards': 1, 'num_bytes': marker['num_bytes']})
     entry.update(marker['counters'])
     for row in marker['rejects']:
       rows.append([printable(v) for v in row])  # Markers of older runs may hold raw paths.
@@ -1079,13 +1177,14 @@ def _write_metadata(out_dir: str, converter: Converter, tasks: list[ShardTask],
   """
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
+  file_format = tfds.core.FileFormat(converter.file_format)
   template = tfds.core.ShardedFileTemplate(
       data_dir=tfds.core.Path(out_dir), template=FILENAME_TEMPLATE,
-      dataset_name=converter.name, filetype_suffix='tfrecord')
+      dataset_name=converter.name, filetype_suffix=file_format.file_suffix)
   split_infos = []
   for split in dict.fromkeys(t.split for t in tasks):
     shard_markers = [markers[t.key] for t in tasks if t.split == split]
-    lengths = [m['num_examples'] for m in shard_markers]
+    lengths = [m['num_examples'] for m in shard_markers]  # Records, not items.
     if not sum(lengths):
       logging.warning('Split %r has no example (all rejected): left out of the metadata.', split)
       continue
@@ -1098,7 +1197,7 @@ def _write_metadata(out_dir: str, converter: Converter, tasks: list[ShardTask],
                                        data_dir=out_dir, module_name='')
   info = tfds.core.DatasetInfo(builder=identity, features=converter.features(),
                                description=description)
-  info.set_file_format(tfds.core.FileFormat.TFRECORD)
+  info.set_file_format(file_format)
   info.set_splits(tfds.core.SplitDict(split_infos))
   info.write_to_directory(out_dir)
 
@@ -1118,6 +1217,9 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
     max_retries = _CLI_OPTIONS.get('max_retries', 2)
   if examples_per_shard < 1:
     raise ConversionError('--examples-per-shard must be >= 1')
+  if converter.file_format not in FILE_FORMATS:
+    raise ValueError(f'{type(converter).__name__}.file_format must be one of {FILE_FORMATS}, '
+                     f'got {converter.file_format!r}')
   splits = {k: [_jsonable(i) for i in v] for k, v in splits.items() if len(v)}
   tasks = plan_shards(splits, examples_per_shard)
   if not tasks:
@@ -1126,7 +1228,7 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
   fingerprint = dict(converter.fingerprint(), **(plan_args or {}),
                      examples_per_shard=examples_per_shard)
   plan = {'format_version': PLAN_FORMAT_VERSION, 'dataset': converter.name,
-          'fingerprint': fingerprint,
+          'file_format': converter.file_format, 'fingerprint': fingerprint,
           'num_items': sum(len(v) for v in splits.values()),
           'items_sha256': hashlib.sha256(items_blob).hexdigest(),
           'shards': [{'split': t.split, 'index': t.index, 'num_shards': t.num_shards,
@@ -1136,7 +1238,7 @@ def run_conversion(converter: Converter, splits: Mapping[str, Sequence[Any]], ou
 
   markers = {}
   for task in tasks:
-    marker = _load_done_marker(out_dir, task, converter.name)
+    marker = _load_done_marker(out_dir, task, converter.name, converter.file_format)
     if marker is not None:
       markers[task.key] = marker
   changed = _changed_shards(out_dir, markers)
@@ -1211,7 +1313,9 @@ def add_shared_arguments(parser: argparse.ArgumentParser) -> None:
   """Options every converter takes."""
   parser.add_argument('--out', required=True, help='Output TFDS directory.')
   parser.add_argument('--examples-per-shard', type=_positive_int, default=64,
-                      help='Items per TFRecord shard (also the unit of work and of resume).')
+                      help='Items (locations, patches) per shard, each written as its '
+                           'records (ssl4eo: 4 per location); also the unit of work and of '
+                           'resume.')
   parser.add_argument('--workers', type=_positive_int, default=len(os.sched_getaffinity(0)),
                       help='Worker processes (default: all cores); 1 runs inline.')
   parser.add_argument('--strict', action='store_true',
@@ -1265,8 +1369,9 @@ def cli_main(run: Callable[[argparse.Namespace], dict[str, Any]],
   finally:
     _CLI_OPTIONS.clear()
   total = summary['total']
-  logging.info('Converted %d, skipped %d (see %s); %s', total.get('converted', 0),
-               total.get('skipped', 0), printable(os.path.join(args.out, REJECTS_FILE)),
+  logging.info('Converted %d (%d records), skipped %d (see %s); %s', total.get('converted', 0),
+               total.get('records', 0), total.get('skipped', 0),
+               printable(os.path.join(args.out, REJECTS_FILE)),
                json.dumps(summary['splits'], sort_keys=True))
   if not total.get('converted'):
     raise ConversionError('every item was rejected; see '

@@ -1,8 +1,14 @@
 """SSL4EO-S12 (S1 + S2) with Dynamic World labels -> TFDS dataset `ssl4eo_s12_nol`.
 
-One example per location (docs/DESIGN.md): 4 seasons of S1 (VV, VH), S2 (13 L1C or 12 L2A
-bands) and the noisy label map (plus `clean_labels` when given), all on the location's 10 m
-grid. docs/DATA.md describes every accepted layout and option; in short:
+One record per (location, season) (docs/DESIGN.md), in TFDS array_record shards: that season's
+S1 (VV, VH) and S2 (13 L1C or 12 L2A bands), the noisy label maps of ALL 4 seasons
+(`season_labels`, for the smoothing prior) and this season's `clean_labels` when given, all on
+the location's 10 m grid. A training sample is one season, so the loader reads one record
+(1.39 MB at 264 px) instead of a whole location (4.7 MB), at random: array_record gives random
+access (`tfds.builder_from_directory(OUT).as_data_source(split)`; `as_dataset()` cannot read
+it). A location's 4 records are consecutive in season order, locations in sorted id order per
+split, so record index = location position * 4 + season; a location is kept or rejected whole.
+docs/DATA.md describes every accepted layout and option; in short:
 
     python -m data_prep.ssl4eo --s1 RAW/s1 --s2 RAW/s2c \
         --labels-csv NOLDO/dw_complete_ids.csv --labels-root NOLDO/dw_noisy_labels \
@@ -17,8 +23,8 @@ acquisition = the S2 acquisition folder name).
 Seasons: the S2 acquisitions of a location in date order (or in the NoLDO CSV's order); each is
 paired one to one with the S1 acquisition of the nearest date (dates from the folder names
 `S1A_IW_GRDH_1SDV_<start>_...` / `<start>_<stop>_T<tile>`, else from GeoTIFF tags). Pairs more
-than `--max-pair-days` apart are kept, logged and counted. `acquisition_ids` holds the S2
-names, `s1_acquisition_ids` the paired S1 names, `s2_band_names` the S2 bands in record order;
+than `--max-pair-days` apart are kept, logged and counted. `acquisition_id` holds the season's
+S2 name, `s1_acquisition_id` the paired S1 name, `s2_band_names` the S2 bands in record order;
 `crs`/`transform` are season 0's S2 10 m grid (a season whose grid differs from season 0 is
 kept and counted as `season_grid_mismatch`).
 
@@ -39,7 +45,9 @@ in S2 or labels, label pixels equal to the file's nodata value, label values out
 band with no finite value. NaN/-inf elsewhere in S1 (swath borders) become 0 and are counted.
 
 Apache Beam (beyond one machine): the builder class `data_prep.ssl4eo.Ssl4eoS12Nol` runs the same
-per-location function (`Ssl4eoConverter.convert`) under TFDS. It reads the released layout from
+per-location functions (`Ssl4eoConverter.convert`, then `.records`) under TFDS and writes the
+same records in the same order (array_record, uncompressed; keys `record_key`, shuffling
+disabled). It reads the released layout from
 `--manual_dir`: `s1/`, `s2c/`, `labels/noisy_manifest.csv` (config `noisy`) and also
 `labels/clean_manifest.csv` (config `noisy_clean`); other paths via `--config` JSON, e.g.
 `--config '{"name": "mine", "s2_dir": "s2a", "s2_product": "L2A", "tile_size": 264,
@@ -58,7 +66,8 @@ from Python: `Ssl4eoS12Nol(data_dir=DATA, config='noisy').download_and_prepare(d
 tfds.download.DownloadConfig(manual_dir=RAW, beam_options=PipelineOptions([...])))`. Without
 apache-beam the builder falls back to a plain Python generator (one process). The output lives
 in `DATA/ssl4eo_s12_nol/noisy/1.0.0/` with TFDS's own shard sizes and without rejects.csv
-(rejects are logged and counted in the Beam metric `ssl4eo/rejected`).
+(rejects are logged and counted in the Beam metric `ssl4eo/rejected`); read it with
+`tfds.builder_from_directory(that folder).as_data_source(split)`.
 """
 from __future__ import annotations
 
@@ -76,6 +85,7 @@ from absl import logging
 from absl.flags import argparse_flags
 import numpy as np
 import tensorflow_datasets as tfds
+from tensorflow_datasets.core import writer as tfds_writer
 
 from cromss_jax import constants
 from data_prep import common
@@ -97,29 +107,49 @@ PROBE_LOCATIONS = 20  # How many locations the tile-size / product probe may loo
 
 def ssl4eo_features(with_clean_labels: bool, tile_size: int = constants.TILE_SIZE,
                     s2_bands: Sequence[str] = constants.S2_BANDS) -> tfds.features.FeaturesDict:
-  """Record layout of docs/DESIGN.md; uint8/float64 tensors stored as raw bytes.
+  """Layout of one (location, season) record (docs/DESIGN.md); uint8/float64 tensors stored as
+  raw bytes (TFDS's default would write uint8 as int64 varints and float64 as float32).
 
-  (TFDS's default would write uint8 as int64 varints and float64 as float32.)
+  A training sample is one season of one location, so it is read alone (1.39 MB at 264 px
+  instead of the whole location's 4.7 MB). `season_labels` holds all T noisy label maps of the
+  location, which the smoothing prior needs; this season's is season_labels[season].
   """
   t, s = constants.NUM_SEASONS, tile_size
   raw = tfds.features.Encoding.BYTES
   features = {
-      's1': tfds.features.Tensor(shape=(t, s, s, len(constants.S1_BANDS)), dtype=np.uint8,
+      's1': tfds.features.Tensor(shape=(s, s, len(constants.S1_BANDS)), dtype=np.uint8,
                                  encoding=raw),
-      's2': tfds.features.Tensor(shape=(t, s, s, len(s2_bands)), dtype=np.uint8,
-                                 encoding=raw),
-      'labels': tfds.features.Tensor(shape=(t, s, s), dtype=np.uint8, encoding=raw),
+      's2': tfds.features.Tensor(shape=(s, s, len(s2_bands)), dtype=np.uint8, encoding=raw),
+      'season_labels': tfds.features.Tensor(shape=(t, s, s), dtype=np.uint8, encoding=raw),
       'location_id': tfds.features.Tensor(shape=(), dtype=np.int64),
-      'acquisition_ids': tfds.features.Tensor(shape=(t,), dtype=np.str_),
-      's1_acquisition_ids': tfds.features.Tensor(shape=(t,), dtype=np.str_),
+      'season': tfds.features.Tensor(shape=(), dtype=np.int64),
+      'acquisition_id': tfds.features.Tensor(shape=(), dtype=np.str_),
+      's1_acquisition_id': tfds.features.Tensor(shape=(), dtype=np.str_),
       's2_band_names': tfds.features.Tensor(shape=(len(s2_bands),), dtype=np.str_),
       'crs': tfds.features.Tensor(shape=(), dtype=np.str_),
       'transform': tfds.features.Tensor(shape=(6,), dtype=np.float64, encoding=raw),
   }
   if with_clean_labels:
-    features['clean_labels'] = tfds.features.Tensor(shape=(t, s, s), dtype=np.uint8,
-                                                    encoding=raw)
+    features['clean_labels'] = tfds.features.Tensor(shape=(s, s), dtype=np.uint8, encoding=raw)
   return tfds.features.FeaturesDict(features)
+
+
+def season_records(location: Mapping[str, Any]) -> list[dict[str, Any]]:
+  """A converted location ([T, ...] arrays, see `Ssl4eoConverter.convert`) -> its T records, in
+  season order: within a split, record index = location position * T + season."""
+  records = []
+  for season in range(len(location['acquisition_ids'])):
+    record = {'s1': location['s1'][season], 's2': location['s2'][season],
+              'season_labels': location['season_labels'],
+              'location_id': location['location_id'], 'season': np.int64(season),
+              'acquisition_id': location['acquisition_ids'][season],
+              's1_acquisition_id': location['s1_acquisition_ids'][season],
+              's2_band_names': location['s2_band_names'], 'crs': location['crs'],
+              'transform': location['transform']}
+    if 'clean_labels' in location:
+      record['clean_labels'] = location['clean_labels'][season]
+    records.append(record)
+  return records
 
 
 def _read_csv(path: str) -> tuple[list[list[str]], str]:
@@ -349,7 +379,8 @@ def _acquisition_date(folder: str, first_band: str) -> datetime.datetime:
 
 @dataclasses.dataclass(frozen=True)
 class Ssl4eoConverter(common.Converter):
-  """Location id -> one `ssl4eo_s12_nol` example (the function shared with the Beam builder)."""
+  """Location id -> its T `ssl4eo_s12_nol` records, one per season (`convert` then `records`:
+  the functions shared with the Beam builder)."""
   s1_root: str
   s2_root: str
   labels: LabelSource
@@ -365,6 +396,7 @@ class Ssl4eoConverter(common.Converter):
 
   name = DATASET_NAME
   unit = 'loc'
+  file_format = 'array_record'  # Random access: the loader reads single seasons at random.
   counter_names = ('non_finite_values', 'season_grid_mismatch', 'pairs_over_max_days',
                    's1_offset_resampled', 's2_shifted_grid_bands', 'labels_resampled',
                    's2_offset_removed', 's2_uint8_seasons', 's1_uint8_seasons')
@@ -388,6 +420,9 @@ class Ssl4eoConverter(common.Converter):
 
   def item_name(self, item: Any) -> str:
     return str(item)
+
+  def records(self, example: dict[str, Any]) -> list[dict[str, Any]]:
+    return season_records(example)
 
   def fingerprint(self) -> dict[str, Any]:
     return {'s1': os.path.abspath(self.s1_root), 's2': os.path.abspath(self.s2_root),
@@ -507,6 +542,9 @@ class Ssl4eoConverter(common.Converter):
     return result
 
   def convert(self, item: Any) -> tuple[dict[str, Any], dict[str, int]]:
+    """The whole location, [T, ...] arrays (s1, s2, season_labels, clean_labels) and per-season
+    lists (acquisition_ids, s1_acquisition_ids); `records` splits it into seasons. A location is
+    kept or rejected whole, so every location written has all T seasons."""
     location = int(item)
     tile, seasons = self.tile_size, constants.NUM_SEASONS
     folder = f'{location:07d}'
@@ -537,7 +575,7 @@ class Ssl4eoConverter(common.Converter):
         grid0 = ref
       elif not common.grids_agree(ref, grid0, self.grid_tolerance_px):
         counters['season_grid_mismatch'] += 1
-    example = {'s1': s1, 's2': s2, 'labels': labels, 'location_id': np.int64(location),
+    example = {'s1': s1, 's2': s2, 'season_labels': labels, 'location_id': np.int64(location),
                'acquisition_ids': list(s2_acqs), 's1_acquisition_ids': list(s1_acqs),
                's2_band_names': list(self.s2_bands), 'crs': grid0.crs.to_string(),
                'transform': np.asarray(grid0.transform, np.float64)}
@@ -730,8 +768,14 @@ class Ssl4eoBuilderConfig(tfds.core.BuilderConfig):
   max_s1_offset_px: float = DEFAULT_MAX_S1_OFFSET_PX
 
 
+def record_key(location: int, season: int) -> int:
+  """The TFDS key of a record: with shuffling disabled TFDS writes records in key order, so
+  location-major, season-minor as the converter writes them (index = position * T + season)."""
+  return location * constants.NUM_SEASONS + season
+
+
 def _examples_of(converter: Ssl4eoConverter, location: int) -> Iterator[tuple[int, dict]]:
-  """Zero or one (key, example); a bad location is logged and counted, not fatal."""
+  """T (key, record) pairs or none; a bad location is logged and counted, not fatal."""
   try:
     example, _ = converter.convert(location)
   except common.BadInput as err:
@@ -742,7 +786,8 @@ def _examples_of(converter: Ssl4eoConverter, location: int) -> Iterator[tuple[in
     except ImportError:
       pass
     return
-  yield location, example
+  for record in converter.records(example):
+    yield record_key(location, int(record['season'])), record
 
 
 def _iter_examples(converter: Ssl4eoConverter,
@@ -751,9 +796,27 @@ def _iter_examples(converter: Ssl4eoConverter,
     yield from _examples_of(converter, location)
 
 
+class _UncompressedArrayRecordWriter(tfds_writer.ExampleWriter):
+  """TFDS's array_record writer uses zstd; the loader reads uncompressed records 2-3x faster."""
+
+  def write(self, path: Any, examples: Any) -> None:
+    from array_record.python import array_record_module  # pylint: disable=g-import-not-at-top
+
+    writer = array_record_module.ArrayRecordWriter(os.fspath(path), common.ARRAY_RECORD_OPTIONS)
+    try:
+      for _, serialized in examples:
+        writer.write(serialized)
+    finally:
+      writer.close()
+
+
 class Ssl4eoS12Nol(tfds.core.GeneratorBasedBuilder,
                    skip_registration=__name__ in ('__main__', '__mp_main__')):
-  """TFDS builder for `tfds build` (Beam-parallel when apache-beam is installed)."""
+  """TFDS builder for `tfds build` (Beam-parallel when apache-beam is installed).
+
+  Writes what the converter writes: array_record shards (unless `file_format` says otherwise),
+  T records per location in key order (`record_key`, shuffling disabled).
+  """
 
   VERSION = tfds.core.Version('1.0.0')
   RELEASE_NOTES = {'1.0.0': 'First release.'}
@@ -769,12 +832,22 @@ class Ssl4eoS12Nol(tfds.core.GeneratorBasedBuilder,
       'Place SSL4EO-S12 under manual_dir as s1/<loc:07d>/<acq>/{VV,VH}.tif and '
       's2c/<loc:07d>/<acq>/B*.tif, and the label manifest(s) under labels/.')
 
+  def __init__(self, *, file_format: str | tfds.core.FileFormat | None = None, **kwargs: Any):
+    # tensorflow-datasets 4.9.10 has no per-builder default format: TFRecord unless given.
+    super().__init__(file_format=file_format or tfds.core.FileFormat.ARRAY_RECORD, **kwargs)
+
   def _info(self) -> tfds.core.DatasetInfo:
     cfg = self.builder_config
     return self.dataset_info_from_configs(
         features=ssl4eo_features(bool(cfg.clean_labels_manifest or cfg.clean_labels_pattern),
                                  cfg.tile_size, constants.S2_PRODUCTS[cfg.s2_product][0]),
-        description='SSL4EO-S12 S1+S2 with Dynamic World labels (CromSS pretraining).')
+        description='SSL4EO-S12 S1+S2 with Dynamic World labels (CromSS pretraining).',
+        disable_shuffling=True)  # Record index = location position * T + season.
+
+  def _example_writer(self) -> tfds_writer.ExampleWriter:
+    if self.info.file_format == tfds.core.FileFormat.ARRAY_RECORD:
+      return _UncompressedArrayRecordWriter(file_format=self.info.file_format)
+    return super()._example_writer()
 
   def _split_generators(self, dl_manager: tfds.download.DownloadManager) -> dict[str, Any]:
     cfg = self.builder_config

@@ -48,6 +48,90 @@ NUM_EPOCHS = _TINY_TRAINING.num_epochs
 TOTAL_STEPS = NUM_EPOCHS * _TINY_TRAINING.steps_per_epoch
 
 
+def read_pretrain_locations(dataset_dir, split: str) -> list[dict[str, Any]]:
+  """The `ssl4eo_s12_nol` records of `split` ('train', 'train+validation') regrouped per
+  location in the converter's old one-example-per-location shape, so that tests compare whole
+  locations: s1 [T,S,S,2], s2 [T,S,S,B], labels [T,S,S] (= season_labels), clean_labels
+  [T,S,S] (when stored), acquisition_ids [T], s1_acquisition_ids [T], location_id,
+  s2_band_names, crs, transform.
+
+  Reads through `as_data_source` (random access; the shards are array_record) and checks the
+  layout the loader relies on: record i of a split is season i % T of location i // T, and the
+  T records of a location agree on everything that is per location.
+  """
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  builder = tfds.builder_from_directory(os.fspath(dataset_dir))
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD, builder.info.file_format
+  assert 'labels' not in builder.info.features  # season_labels[season] is the noisy label.
+  t = builder.info.features['season_labels'].shape[0]
+  per_location = ('location_id', 'season_labels', 's2_band_names', 'crs', 'transform')
+  locations = []
+  for part in split.split('+'):
+    source = builder.as_data_source(part)
+    assert len(source) == builder.info.splits[part].num_examples
+    assert len(source) % t == 0, (part, len(source), t)
+    for start in range(0, len(source), t):
+      group = [source[i] for i in range(start, start + t)]
+      assert [int(r['season']) for r in group] == list(range(t)), (part, start)
+      first = group[0]
+      for r in group[1:]:
+        assert sorted(r) == sorted(first), (part, start)
+        for key in per_location:
+          np.testing.assert_array_equal(r[key], first[key], err_msg=f'{part} {start} {key}')
+      location = {
+          's1': np.stack([r['s1'] for r in group]),
+          's2': np.stack([r['s2'] for r in group]),
+          'labels': first['season_labels'],
+          'acquisition_ids': np.array([r['acquisition_id'] for r in group], object),
+          's1_acquisition_ids': np.array([r['s1_acquisition_id'] for r in group], object),
+          'location_id': np.int64(first['location_id']),
+          's2_band_names': first['s2_band_names'], 'crs': first['crs'],
+          'transform': first['transform']}
+      if 'clean_labels' in first:
+        location['clean_labels'] = np.stack([r['clean_labels'] for r in group])
+      locations.append(location)
+  ids = [int(loc['location_id']) for loc in locations]
+  assert len(set(ids)) == len(ids), ids  # Each location's T records once, consecutively.
+  return locations
+
+
+def write_tfds_folder(folder: str, name: str, features, splits: dict[str, list[list[dict]]],
+                      file_format: str = 'tfrecord') -> str:
+  """A TFDS folder of `splits` {split: [[example, ...] per shard]}, in either record format."""
+  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  os.makedirs(folder)
+  template = tfds.core.ShardedFileTemplate(
+      data_dir=tfds.core.Path(folder), template='{DATASET}-{SPLIT}.{FILEFORMAT}-{SHARD_X_OF_Y}',
+      dataset_name=name, filetype_suffix=file_format)
+  split_infos = []
+  for split, shards in splits.items():
+    for i, shard in enumerate(shards):
+      path = os.path.join(folder, f'{name}-{split}.{file_format}-{i:05d}-of-{len(shards):05d}')
+      if file_format == 'array_record':
+        writer = ArrayRecordWriter(path, 'group_size:1,uncompressed')
+        for example in shard:
+          writer.write(features.serialize_example(example))
+        writer.close()
+      else:
+        with tf.io.TFRecordWriter(path) as writer:
+          for example in shard:
+            writer.write(features.serialize_example(example))
+    split_infos.append(tfds.core.SplitInfo(
+        name=split, shard_lengths=[len(shard) for shard in shards], num_bytes=0,
+        filename_template=template.replace(split=split)))
+  info = tfds.core.DatasetInfo(
+      builder=tfds.core.DatasetIdentity(name=name, version=tfds.core.Version('1.0.0'),
+                                        data_dir=folder, module_name=''),
+      features=features)
+  info.set_file_format(tfds.core.FileFormat(file_format))
+  info.set_splits(tfds.core.SplitDict(split_infos))
+  info.write_to_directory(folder)
+  return folder
+
+
 def tiny_config(dataset_dir: str, **changes: Any):
   """The tiny variant with TINY and `changes` ({'training.num_epochs': 1, ...}) applied."""
   config = pretrain_config.get_config('tiny')

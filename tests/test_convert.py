@@ -12,9 +12,10 @@ from affine import Affine
 import rasterio
 from rasterio.enums import Resampling
 import tensorflow_datasets as tfds
+from array_record.python.array_record_module import ArrayRecordReader
 
 from data_prep import common
-from helpers import S1_STATS, S2_MEAN, S2_STD
+from helpers import S1_STATS, S2_MEAN, S2_STD, read_pretrain_locations
 from data_prep import dfc2020
 from data_prep import ssl4eo
 
@@ -82,8 +83,8 @@ def _ssl4eo_args(root, out, *extra):
 
 
 def _load(out, split):
-  builder = tfds.builder_from_directory(str(out))
-  return builder, list(tfds.as_numpy(builder.as_dataset(split=split)))
+  """(builder, the split's locations regrouped from their per-season records)."""
+  return tfds.builder_from_directory(str(out)), read_pretrain_locations(out, split)
 
 
 def _expected_location(root, loc, resampling):
@@ -126,14 +127,16 @@ def test_ssl4eo_round_trip(tmp_path, resampling):
       '--workers', '2' if resampling == 'bilinear' else '1'))  # Process pool, then inline.
 
   assert summary['total']['converted'] == 3 and summary['total']['skipped'] == 0
+  assert summary['total']['records'] == 3 * 4  # One per (location, season).
   assert summary['splits']['validation']['converted'] == 1  # round(0.2 * 3), at least 1
   assert summary['total']['non_finite_values'] == 8   # 5 NaN + 3 -inf in location 3
   builder, train = _load(out, 'train')
   _, val = _load(out, 'validation')
-  assert builder.info.splits['train'].num_examples == 2
-  assert builder.info.splits['validation'].num_examples == 1
+  assert builder.info.splits['train'].num_examples == 2 * 4
+  assert builder.info.splits['validation'].num_examples == 1 * 4
+  assert len(train) == 2 and len(val) == 1
   assert sorted(int(e['location_id']) for e in train + val) == list(locations)
-  assert 'ssl4eo_s12_nol-train.tfrecord-00001-of-00002' in os.listdir(out)
+  assert 'ssl4eo_s12_nol-train.array_record-00001-of-00002' in os.listdir(out)
   for record in train + val:
     loc = int(record['location_id'])
     s1, s2, labels, clean = _expected_location(str(root), loc, resampling)
@@ -150,6 +153,64 @@ def test_ssl4eo_round_trip(tmp_path, resampling):
                                   [10, 0, 400000.0 + 5000 * loc, 0, -10, 5000000.0])
   with open(out / 'rejects.csv') as f:
     assert f.read().strip() == 'location,file,reason'
+
+
+def test_ssl4eo_records_are_uncompressed_array_record_one_per_season(tmp_path):
+  """The layout the pretraining loader relies on: array_record shards of one record per
+  (location, season), record i of a split = season i % 4 of the split's (i // 4)-th location,
+  stored uncompressed one per chunk (the size on disk is the pixels plus a little)."""
+  root, out = tmp_path / 'raw', tmp_path / 'out'
+  locations = (2, 4, 6, 9)
+  _make_ssl4eo(str(root), locations, np.random.default_rng(7))
+  summary = ssl4eo.main(_ssl4eo_args(
+      root, out, '--clean-labels', os.path.join(root, 'labels', 'clean_manifest.csv'),
+      '--val-fraction', '0.25', '--examples-per-shard', '2', '--resampling', 'nearest'))
+  assert summary['total']['converted'] == 4 and summary['total']['records'] == 16
+  builder = tfds.builder_from_directory(str(out))
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  features = builder.info.features
+  s, t, b = 264, 4, len(S2_BANDS)
+  assert {k: (tuple(f.shape), f.np_dtype) for k, f in features.items()} == {
+      's1': ((s, s, 2), np.uint8), 's2': ((s, s, b), np.uint8),
+      'season_labels': ((t, s, s), np.uint8), 'clean_labels': ((s, s), np.uint8),
+      'location_id': ((), np.int64), 'season': ((), np.int64),
+      'acquisition_id': ((), np.object_), 's1_acquisition_id': ((), np.object_),
+      's2_band_names': ((b,), np.object_), 'crs': ((), np.object_),
+      'transform': ((6,), np.float64)}
+  assert not [f for f in os.listdir(out) if '.tfrecord-' in f]
+
+  expected_order = {'train': [2, 4, 6], 'validation': [9]}  # by the seed-42 permutation
+  assert ssl4eo.split_locations(locations, 0.25, 42) == expected_order
+  assert summary['splits']['train']['converted'] == 3
+  assert builder.info.splits['train'].shard_lengths == [2 * t, 1 * t]  # records, not locations
+  assert builder.info.splits['validation'].shard_lengths == [1 * t]
+  for split, order in expected_order.items():
+    source = builder.as_data_source(split)
+    assert len(source) == t * len(order)
+    for i in range(len(source)):
+      record = source[i]
+      assert int(record['season']) == i % t and int(record['location_id']) == order[i // t], i
+      assert record['acquisition_id'].decode() == f'2020{i % t + 1:02d}15T1030'
+      assert record['s1_acquisition_id'].decode() == f'S1A_2020{i % t + 1:02d}01'
+      with rasterio.open(os.path.join(root, 'labels', 'clean', f'{order[i // t]:07d}',
+                                      f'{i % t}.tif')) as src:
+        np.testing.assert_array_equal(record['clean_labels'], src.read(1))
+
+  payload = s * s * (2 + b + t + 1)  # s1 + s2 + season_labels + clean_labels, one byte each
+  assert payload == 1_393_920  # At 264 px: 1.39 MB per (location, season) record.
+  for split in expected_order:
+    info = builder.info.splits[split]
+    for index, length in enumerate(info.shard_lengths):
+      path = os.path.join(out, common.shard_filename('ssl4eo_s12_nol', split, index,
+                                                     len(info.shard_lengths), 'array_record'))
+      reader = ArrayRecordReader(path)
+      assert reader.num_records() == length
+      options = reader.writer_options_string()
+      assert 'group_size:1,' in options and 'uncompressed' in options, options
+      # Compressed, the random labels alone would save far more than the overhead allowed:
+      # per record a few hundred bytes of names and framing, per file riegeli's 64 KiB blocks.
+      size = os.path.getsize(path)
+      assert length * payload < size <= length * (payload + 1024) + 2 * 65536, (size, length)
 
 
 def test_ssl4eo_split_is_deterministic():
@@ -248,9 +309,9 @@ def test_ssl4eo_bad_inputs_are_rejected_and_strict_fails(tmp_path):
     assert rows[loc]['reason'].startswith(REASON_PREFIX.get(kind, kind) + ':'), rows[loc]
   assert summary['reject_kinds']['label_nodata'] == 1
   builder = tfds.builder_from_directory(str(out))
-  assert sum(s.num_examples for s in builder.info.splits.values()) == 2
+  assert sum(s.num_examples for s in builder.info.splits.values()) == 2 * 4
   got = [int(e['location_id']) for split in builder.info.splits
-         for e in tfds.as_numpy(builder.as_dataset(split=split))]
+         for e in read_pretrain_locations(out, split)]
   assert sorted(got) == list(good)
 
   with pytest.raises(SystemExit) as err:
@@ -295,7 +356,7 @@ def test_ssl4eo_resume_and_argument_check(tmp_path, monkeypatch):
   with pytest.raises(KeyboardInterrupt):
     ssl4eo.main(args)
   assert not os.path.exists(out / 'dataset_info.json')
-  done = sorted(f for f in os.listdir(out) if '.tfrecord-' in f)
+  done = sorted(f for f in os.listdir(out) if '.array_record-' in f)
   assert len(done) == 1
   mtimes = {f: os.stat(out / f).st_mtime_ns for f in done}
 
@@ -305,7 +366,7 @@ def test_ssl4eo_resume_and_argument_check(tmp_path, monkeypatch):
   summary = ssl4eo.main(args)
   assert len(calls) == 2 and summary['this_run']['shards_reused'] == 1
   assert all(os.stat(out / f).st_mtime_ns == t for f, t in mtimes.items())
-  complete = {f: (out / f).read_bytes() for f in os.listdir(out) if '.tfrecord-' in f}
+  complete = {f: (out / f).read_bytes() for f in os.listdir(out) if '.array_record-' in f}
   assert len(complete) == 3
 
   # Lost shard + marker: only that one is rebuilt, byte-identical.
@@ -325,8 +386,8 @@ def test_ssl4eo_resume_and_argument_check(tmp_path, monkeypatch):
   assert 'val_fraction: 0.2 -> 0.4' in str(err.value.code) and '--overwrite' in str(err.value.code)
   summary = ssl4eo.main(args + ['--limit', '1', '--overwrite'])
   assert summary['total']['converted'] == 1 and 'validation' not in summary['splits']
-  assert sorted(f for f in os.listdir(out) if '.tfrecord-' in f) == [
-      'ssl4eo_s12_nol-train.tfrecord-00000-of-00001']
+  assert sorted(f for f in os.listdir(out) if '.array_record-' in f) == [
+      'ssl4eo_s12_nol-train.array_record-00000-of-00001']
 
 
 def _make_dfc(root, split, patches, rng):
@@ -390,18 +451,27 @@ def test_dfc2020(tmp_path):
 
 
 def test_tfds_builder_runs_the_same_conversion(tmp_path):
-  """The Beam-capable builder (plain generator here) yields what the CLI converter writes."""
+  """The Beam-capable builder (plain generator here) writes what the CLI converter writes:
+  the same array_record records in the same order (location-major, season-minor)."""
   root = str(tmp_path / 'raw')
   _make_ssl4eo(root, (1, 2), np.random.default_rng(6), clean=False)
   builder = ssl4eo.Ssl4eoS12Nol(data_dir=str(tmp_path / 'tfds'), config='noisy')
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(manual_dir=root))
-  records = {int(r['location_id']): r for r in tfds.as_numpy(
-      builder.as_dataset(split='train+validation'))}
+  assert builder.info.disable_shuffling
   ssl4eo.main(_ssl4eo_args(root, tmp_path / 'out'))
-  _, expected = _load(tmp_path / 'out', 'train+validation')
-  assert sorted(records) == [1, 2]
-  for e in expected:
-    r = records[int(e['location_id'])]
-    for key in ('s1', 's2', 'labels', 'transform'):
-      np.testing.assert_array_equal(r[key], e[key])
+  cli = tfds.builder_from_directory(str(tmp_path / 'out'))
+  for split in ('train', 'validation'):
+    got = read_pretrain_locations(builder.data_dir, split)
+    want = read_pretrain_locations(tmp_path / 'out', split)
+    assert [int(r['location_id']) for r in got] == [int(e['location_id']) for e in want]
+    assert builder.info.splits[split].num_examples == cli.info.splits[split].num_examples
+    for r, e in zip(got, want):
+      assert sorted(r) == sorted(e)
+      for key in e:
+        np.testing.assert_array_equal(r[key], e[key], err_msg=key)
+  records = read_pretrain_locations(builder.data_dir, 'train+validation')
+  assert sorted(int(r['location_id']) for r in records) == [1, 2]
+  shard = next(f for f in os.listdir(builder.data_dir) if '.array_record-' in f)
+  options = ArrayRecordReader(os.path.join(builder.data_dir, shard)).writer_options_string()
+  assert 'group_size:1,' in options and 'uncompressed' in options, options

@@ -91,12 +91,13 @@ def test_non_utf8_folder_name_is_reported_escaped(demo, tmp_path):
   out = tmp_path / 'out'
   proc = _run(*_ssl4eo_args(root, out, '--workers', '1'))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _total(out) == ('ssl4eo_s12_nol', 2)
+  assert _total(out) == ('ssl4eo_s12_nol', 2 * 4)  # records: one per (location, season)
   (row,) = _rejects(out)
   assert row['location'] == '1'
   assert '\\xff' in row['file'] + row['reason'], row
   with open(out / common.SUMMARY_FILE, encoding='utf-8') as f:
-    assert json.load(f)['total']['skipped'] == 1
+    total = json.load(f)['total']
+  assert total['skipped'] == 1 and total['converted'] == 2 and total['records'] == 2 * 4
 
   # --strict stops at it with one escaped `error:` line.
   proc = _run(*_ssl4eo_args(root, tmp_path / 'strict', '--workers', '1', '--strict'))
@@ -245,6 +246,100 @@ def test_workers_that_cannot_start_stop_the_run(tmp_path, broken):
 
 
 # -------------------------------------------------------------------------------------------
+# One item, several records (ssl4eo: one per season), in array_record shards.
+
+
+@dataclasses.dataclass(frozen=True)
+class _ToyPartsConverter(_ToyConverter):
+  """Each item is written as 3 array_record records; item `broken` has an unwritable 2nd one."""
+  broken: int = -1
+
+  file_format = 'array_record'
+
+  def features(self):
+    import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+    return tfds.features.FeaturesDict({'x': tfds.features.Tensor(shape=(), dtype=np.int64),
+                                       'part': tfds.features.Tensor(shape=(), dtype=np.int64)})
+
+  def records(self, example):
+    parts = [{'x': example['x'], 'part': np.int64(p)} for p in range(3)]
+    if example['x'] == self.broken:
+      parts[1]['part'] = np.zeros(2, np.int64)  # Wrong shape: fails to serialise.
+    return parts
+
+
+def _plan(out):
+  with open(out / common.STATE_DIR / 'plan.json') as f:
+    return json.load(f)
+
+
+def test_an_item_is_written_as_its_records(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  out = tmp_path / 'out'
+  items = {'train': list(range(5)), 'validation': [7]}
+  summary = common.run_conversion(_ToyPartsConverter(os.getpid(), broken=3), items, str(out),
+                                  examples_per_shard=2, workers=1)
+  assert summary['total']['converted'] == 5 and summary['total']['records'] == 15
+  train = summary['splits']['train']
+  assert train['converted'] == 4 and train['records'] == 12
+  assert summary['total']['skipped'] == 1 and _rejects(out)[0]['location'] == '3'
+  assert _plan(out)['file_format'] == 'array_record'
+  assert sorted(f for f in os.listdir(out) if 'array_record' in f) == [
+      'toy-train.array_record-00000-of-00003', 'toy-train.array_record-00001-of-00003',
+      'toy-train.array_record-00002-of-00003', 'toy-validation.array_record-00000-of-00001']
+  with open(out / common.STATE_DIR / 'train-00001.json') as f:
+    marker = json.load(f)
+  assert (marker['planned'], marker['converted'], marker['num_examples']) == (2, 1, 3)
+
+  builder = tfds.builder_from_directory(str(out))
+  assert builder.info.file_format == tfds.core.FileFormat.ARRAY_RECORD
+  assert builder.info.splits['train'].shard_lengths == [6, 3, 3]  # records, not items
+  source = builder.as_data_source('train')
+  got = [(int(source[i]['x']), int(source[i]['part'])) for i in range(len(source))]
+  # Consecutive per item, in item order; none of the failed item's records.
+  assert got == [(x, p) for x in (0, 1, 2, 4) for p in range(3)]
+
+
+def test_a_different_file_format_is_refused_without_overwrite(tmp_path):
+  out = tmp_path / 'out'
+  items = {'train': list(range(4))}
+  common.run_conversion(_ToyConverter(os.getpid()), items, str(out), examples_per_shard=2,
+                        workers=1)
+  assert _plan(out)['file_format'] == 'tfrecord'
+
+  # A state written before plans named the file format (TFRecord) resumes as it is.
+  plan = _plan(out)
+  del plan['file_format']
+  (out / common.STATE_DIR / 'plan.json').write_text(json.dumps(plan))
+  for index in (0, 1):
+    path = out / common.STATE_DIR / f'train-{index:05d}.json'
+    marker = json.loads(path.read_text())
+    del marker['converted']  # Older markers: num_examples only (one record per item).
+    path.write_text(json.dumps(marker))
+  summary = common.run_conversion(_ToyConverter(os.getpid()), items, str(out),
+                                  examples_per_shard=2, workers=1)
+  assert summary['this_run']['shards_reused'] == 2 and summary['this_run']['shards_built'] == 0
+  assert summary['total']['converted'] == 4 and summary['total']['records'] == 4
+  before = sorted(os.listdir(out))
+  assert [f for f in before if '.tfrecord-' in f] == [
+      'toy-train.tfrecord-00000-of-00002', 'toy-train.tfrecord-00001-of-00002']
+
+  with pytest.raises(common.ConversionError) as err:
+    common.run_conversion(_ToyPartsConverter(os.getpid()), items, str(out),
+                          examples_per_shard=2, workers=1)
+  message = str(err.value)
+  assert 'holds tfrecord shards' in message and 'now written as array_record' in message, message
+  assert '--overwrite' in message, message
+  assert sorted(os.listdir(out)) == before
+
+  summary = common.run_conversion(_ToyPartsConverter(os.getpid()), items, str(out),
+                                  examples_per_shard=2, workers=1, overwrite=True)
+  assert summary['total']['records'] == 12
+  assert not [f for f in os.listdir(out) if '.tfrecord-' in f]
+  assert len([f for f in os.listdir(out) if '.array_record-' in f]) == 2
+
+
+# -------------------------------------------------------------------------------------------
 # issue 13 item 8: user errors of the converters are one `error:` line, exit status 1.
 
 
@@ -303,7 +398,7 @@ def test_overwrite_never_touches_another_dataset(demo, tmp_path):
   (out2 / common.STATE_DIR / 'mine.txt').write_text('mine too')
   proc = _run(*_ssl4eo_args(demo / 'ssl4eo', out2, '--workers', '1', '--overwrite'))
   assert proc.returncode == 0, proc.stderr[-3000:]
-  assert _total(out2) == ('ssl4eo_s12_nol', 3)
+  assert _total(out2) == ('ssl4eo_s12_nol', 3 * 4)  # records: one per (location, season)
   assert not [f for f in os.listdir(out2) if f.startswith('dfc2020')]
   assert (out2 / 'notes.txt').read_text() == 'mine'
   assert (out2 / common.STATE_DIR / 'mine.txt').read_text() == 'mine too'

@@ -18,6 +18,7 @@ import tensorflow_datasets as tfds
 from cromss_jax import input_pipeline as ip
 from configs import pretrain as pretrain_config
 from data_prep import ssl4eo
+from helpers import read_pretrain_locations
 import real_layouts as rl
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,10 +49,11 @@ def run_readme_command(command: str, tmp: str) -> subprocess.CompletedProcess:
 
 
 def load(out: str) -> dict[int, dict]:
+  """location id -> the location regrouped from its per-season records (all splits)."""
   builder = tfds.builder_from_directory(out)
   records = {}
   for split in builder.info.splits:
-    for r in tfds.as_numpy(builder.as_dataset(split=split)):
+    for r in read_pretrain_locations(out, split):
       records[int(r['location_id'])] = r
   return records
 
@@ -239,7 +241,9 @@ def test_8bit_release_120px_stored_as_is(tmp_path):
   for location in locations:
     check_record(records[location.loc], root, location, 'L1C', labels_dir='labels')
   info = tfds.builder_from_directory(out).info
-  assert info.features['s2'].shape == (4, 120, 120, 13)
+  assert info.features['s2'].shape == (120, 120, 13)  # one season per record
+  assert info.features['season_labels'].shape == (4, 120, 120)
+  assert info.splits['train'].num_examples + info.splits['validation'].num_examples == 2 * 4
 
 
 def test_mismatches_are_reported_with_file_sizes_and_offsets(tmp_path):
@@ -371,8 +375,8 @@ def test_tfds_builder_reads_the_noldo_layout(tmp_path):
       tile_size=60, s2_product='L2A', labels_manifest='')
   builder = ssl4eo.Ssl4eoS12Nol(data_dir=str(tmp_path / 'tfds'), config=config)
   builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=root))
-  got = {int(r['location_id']): r for r in tfds.as_numpy(
-      builder.as_dataset(split='train+validation'))}
+  got = {int(r['location_id']): r
+         for r in read_pretrain_locations(builder.data_dir, 'train+validation')}
   out = str(tmp_path / 'cli')
   ssl4eo.main(['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2a'),
                '--labels-csv', os.path.join(root, 'noldo', 'ids.csv'), '--out', out,

@@ -4,7 +4,7 @@
       --steps 20 --dtype bf16
   python -m cromss_jax.benchmark step --compare_torch          # same step in PyTorch, ratio
   python -m cromss_jax.benchmark step_torch                     # the PyTorch step alone
-  python -m cromss_jax.benchmark input [--dataset_dir DIR]      # samples/s of tf.data
+  python -m cromss_jax.benchmark input [--dataset_dir DIR]      # samples/s, bytes, memory
   python -m cromss_jax.benchmark convert [--locations 16]       # locations/s of data_prep.ssl4eo
 
 Each mode prints a human-readable table and, as its LAST stdout line, one JSON object with the
@@ -62,6 +62,9 @@ flags.DEFINE_bool('compare_torch', False,
                   'PyTorch step alternately, and report the ratio of images/s')
 flags.DEFINE_string('dataset_dir', None, 'input: converted ssl4eo_s12_nol dir (default: demo)')
 flags.DEFINE_integer('input_batches', 30, 'input: batches to time')
+flags.DEFINE_integer('input_batch', 32, 'input: batch size')
+flags.DEFINE_integer('input_workers', None, 'input: reader processes (default: usable cores; '
+                     '0 = threads of this process)')
 flags.DEFINE_integer('locations', 16, 'convert/input: demo locations to generate')
 flags.DEFINE_integer('workers', None, 'convert: worker processes (default: all cores)')
 flags.DEFINE_integer('scene_height', 10_000, 'predict: scene height in px')
@@ -280,33 +283,89 @@ def _convert_raw(raw: str, out: str) -> dict:
   return ssl4eo.main(argv)
 
 
+def _rss_mib(pid: int) -> float:
+  try:
+    with open(f'/proc/{pid}/status', encoding='ascii') as f:
+      for line in f:
+        if line.startswith('VmRSS:'):
+          return int(line.split()[1]) / 1024
+  except OSError:
+    pass
+  return 0.0
+
+
+def _child_pids(pid: int) -> list[int]:
+  """Every descendant process (grain's workers), from /proc (Linux)."""
+  out, todo = [], [pid]
+  while todo:
+    parent = todo.pop()
+    try:
+      for task in os.listdir(f'/proc/{parent}/task'):
+        with open(f'/proc/{parent}/task/{task}/children', encoding='ascii') as f:
+          children = [int(c) for c in f.read().split()]
+        out += children
+        todo += children
+    except OSError:
+      continue
+  return out
+
+
+def _pipeline_rss_mib(baseline_mib: float) -> float:
+  """RSS of the pipeline: this process's growth since `baseline_mib` plus its workers."""
+  own = _rss_mib(os.getpid()) - baseline_mib
+  return own + sum(_rss_mib(pid) for pid in _child_pids(os.getpid()))
+
+
 def benchmark_input() -> dict:
-  from configs import demo
+  """Samples/s, bytes read per sample and host memory of the pretraining input pipeline."""
+  from configs import pretrain
   from cromss_jax import input_pipeline
+  workers = _usable_cores() if FLAGS.input_workers is None else FLAGS.input_workers
   with tempfile.TemporaryDirectory() as tmp:
     dataset_dir = FLAGS.dataset_dir
     if not dataset_dir:
       dataset_dir = os.path.join(tmp, 'records')
       _convert_raw(_generate_raw(tmp, FLAGS.locations), dataset_dir)
-    config = demo.get_config()
+    config = pretrain.get_config()
     config.data.dataset_dir = dataset_dir
-    config.data.crop_size = 256
-    config.training.global_batch_size = 8
-    iterator = input_pipeline.create_pretrain_iterator(config, 'train')
-    next(iterator)  # start-up (file opening, first shuffle fill) is not throughput
+    config.data.num_workers = workers
+    config.training.global_batch_size = FLAGS.input_batch
+    config.training.steps_per_epoch = FLAGS.input_batches + 1
+    info = input_pipeline.pretrain_info(config, process_count=1)
+    config.data.tile_size = info.tile_size
+    config.data.crop_size = min(config.data.crop_size, info.tile_size)
+    # Each sample reads exactly one record (group_size 1: one chunk per record).
+    files = [os.path.join(info.dataset_dir, f) for f in os.listdir(info.dataset_dir)
+             if f'-{info.train_split}.array_record-' in f]
+    records = info.num_train_examples * info.num_seasons
+    bytes_per_sample = sum(os.path.getsize(f) for f in files) / records
+    baseline = _rss_mib(os.getpid())
+    iterator = input_pipeline.create_pretrain_iterator(config, 'train', process_index=0,
+                                                       process_count=1)
+    next(iterator)  # start-up (workers, opening files) is not throughput
+    peak_rss = 0.0
     t0 = time.perf_counter()
     for _ in range(FLAGS.input_batches):
       next(iterator)
+      peak_rss = max(peak_rss, _pipeline_rss_mib(baseline))
     elapsed = time.perf_counter() - t0
+    del iterator
   samples = FLAGS.input_batches * config.training.global_batch_size
   rate = samples / elapsed
-  cores = os.cpu_count() or 1
+  cores = _usable_cores()
   figures = {'mode': 'input', 'samples_per_s': round(rate, 1),
              'samples_per_s_per_core': round(rate / cores, 1), 'cores': cores,
-             'crop': 256, 'batch': config.training.global_batch_size}
-  _print_table('tf.data pretraining pipeline (256 px crops, full augmentation, uint8 out)',
-               [('throughput', f'{rate:.1f} samples/s'),
-                ('per core', f'{rate / cores:.1f} samples/s ({cores} cores)')], figures)
+             'workers': workers, 'tile': info.tile_size, 'batch': config.training.global_batch_size,
+             'bytes_per_sample': int(bytes_per_sample), 'pipeline_rss_mib': round(peak_rss),
+             'load_avg': round(os.getloadavg()[0], 2)}
+  _print_table(
+      f'Pretraining input pipeline: {info.tile_size} px (location, season) records, whole '
+      f'uint8 tiles, batch {config.training.global_batch_size}, {workers} workers',
+      [('throughput', f'{rate:.1f} samples/s'),
+       ('per core', f'{rate / cores:.1f} samples/s ({cores} cores)'),
+       ('bytes read per sample', f'{bytes_per_sample / 1e6:.3f} MB'),
+       ('pipeline memory (peak RSS)', f'{peak_rss:.0f} MiB (this process\'s growth + workers)'),
+       ('load average', figures['load_avg'])], figures)
   return figures
 
 
@@ -320,7 +379,7 @@ def benchmark_convert() -> dict:
   workers = FLAGS.workers or os.cpu_count()
   figures = {'mode': 'convert', 'locations_per_s': round(rate, 3), 'workers': workers,
              'locations': FLAGS.locations, 'seconds': round(elapsed, 2)}
-  _print_table('GeoTIFF -> TFRecord conversion (SSL4EO-S12 layout, 4 seasons, 15 bands)',
+  _print_table('GeoTIFF -> array_record conversion (SSL4EO-S12 layout, 4 seasons, 15 bands)',
                [('locations', FLAGS.locations), ('workers', workers),
                 ('time', f'{elapsed:.1f} s'), ('rate', f'{rate:.2f} locations/s')], figures)
   return figures
