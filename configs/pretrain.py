@@ -24,7 +24,6 @@ import ml_collections
 VARIANTS: dict[str, dict[str, Any]] = {
     'demo': {
         'data.crop_size': 128,
-        'data.num_workers': 0,               # a handful of locations: read in this process
         'model.encoder': 'resnet18',
         'model.compute_dtype': 'float32',
         'objective.ramp_epochs': 4,          # the paper's ramp (80 of 200 epochs), compressed
@@ -102,11 +101,12 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   data.image_interpolation = 'bilinear'
   # The training crop, flips and rotation run inside the compiled train step (augment.py); the
   # host reads whole tiles of one (location, season) record each, with random access (grain).
-  # Worker processes reading and decoding records ahead of the step; 0 = threads of the
-  # training process (enough for small runs and CPU training).
-  data.num_workers = 8
-  # Read-ahead in batches: per host for pretraining (grain; -1 = 2), per tf.data pipeline for
-  # transfer (-1 = tf.data.AUTOTUNE).
+  # Reader processes (grain workers) making batches ahead of the step; 0 = `prefetch` threads of
+  # the training process, which is faster here (array_record reads release the GIL, and
+  # processes must copy each batch through shared memory; docs/PERFORMANCE.md).
+  data.num_workers = 0
+  # Batches read ahead: pretraining, per host (grain; with num_workers=0 one thread each;
+  # -1 = 2); transfer, per tf.data pipeline (-1 = tf.data.AUTOTUNE).
   data.prefetch = 2
 
   # --- Model (docs/METHOD.md §3) --------------------------------------------------------------

@@ -655,21 +655,25 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
 
 def _grain_iterator(samples: Any, config: ml_collections.ConfigDict, per_host_batch: int
                     ) -> Iterator[Batch]:
-  """Samples -> host batches, read ahead by `data.num_workers` processes (0: threads here)."""
+  """Samples -> host batches, made ahead by `data.num_workers` processes (0: threads here).
+
+  Batched before the workers: a worker makes whole batches (reads and stacks in parallel), and
+  batch k holds samples [k b, (k + 1) b) whatever the number of workers.
+  """
   import grain  # pylint: disable=g-import-not-at-top  (pretraining only)
   workers = config.data.num_workers
   prefetch = config.data.prefetch if config.data.prefetch >= 0 else 2
-  buffered = prefetch * per_host_batch
+  batches = samples.batch(per_host_batch, drop_remainder=True)
   if workers > 0:
     if not flags.FLAGS.is_parsed():   # grain's workers read absl flags (outside an absl app)
       flags.FLAGS.mark_as_parsed()
-    ds = samples.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+    ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=workers, per_worker_buffer_size=max(1, buffered // workers)))
+        num_workers=workers, per_worker_buffer_size=max(1, -(-prefetch // workers))))
   else:
-    ds = samples.to_iter_dataset(grain.ReadOptions(num_threads=min(16, max(1, buffered)),
-                                                   prefetch_buffer_size=buffered))
-  return iter(ds.batch(per_host_batch, drop_remainder=True))
+    ds = batches.to_iter_dataset(grain.ReadOptions(num_threads=max(1, prefetch),
+                                                   prefetch_buffer_size=prefetch))
+  return iter(ds)
 
 
 def pretrain_stream(config: ml_collections.ConfigDict, info: PipelineInfo) -> dict[str, Any]:

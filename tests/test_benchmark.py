@@ -87,3 +87,22 @@ def test_unknown_benchmark_mode_is_one_error_line():
   assert result.returncode == 1
   assert result.stderr.strip().splitlines()[-1].startswith('error: usage:')
   assert 'step_torch' in result.stderr
+
+
+@pytest.mark.slow
+def test_input_benchmark_reports_rate_bytes_and_memory():
+  """`benchmark input` on generated 264 px data, one reader process: the documented figures."""
+  result = _run_benchmark('input', '--locations', '3', '--input_batch', '2',
+                          '--input_batches', '3', '--input_workers', '1')
+  assert result.returncode == 0, result.stderr[-3000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert 'Pretraining input pipeline: 264 px (location, season) records' in result.stdout
+  assert figures['workers'] == 1 and figures['batch'] == 2 and figures['tile'] == 264
+  assert figures['samples_per_s'] > 0
+  assert abs(figures['samples_per_s_per_core'] * figures['cores'] - figures['samples_per_s']) < (
+      0.01 * figures['samples_per_s'] + 0.2)
+  # One record per sample: one season's S1 (2) + S2 (13) bands and the 4 season label maps,
+  # uncompressed, plus the record's framing and the file's block padding.
+  payload = 264 * 264 * (2 + 13 + 4)
+  assert payload <= figures['bytes_per_sample'] <= payload * 1.2
+  assert figures['pipeline_rss_mib'] > 0   # the worker process is counted

@@ -63,8 +63,9 @@ flags.DEFINE_bool('compare_torch', False,
 flags.DEFINE_string('dataset_dir', None, 'input: converted ssl4eo_s12_nol dir (default: demo)')
 flags.DEFINE_integer('input_batches', 30, 'input: batches to time')
 flags.DEFINE_integer('input_batch', 32, 'input: batch size')
-flags.DEFINE_integer('input_workers', None, 'input: reader processes (default: usable cores; '
-                     '0 = threads of this process)')
+flags.DEFINE_integer('input_prefetch', None, 'input: batches read ahead (default: the config)')
+flags.DEFINE_integer('input_workers', None, 'input: reader processes (default: the config\'s '
+                     'data.num_workers; 0 = threads of this process)')
 flags.DEFINE_integer('locations', 16, 'convert/input: demo locations to generate')
 flags.DEFINE_integer('workers', None, 'convert: worker processes (default: all cores)')
 flags.DEFINE_integer('scene_height', 10_000, 'predict: scene height in px')
@@ -310,6 +311,16 @@ def _child_pids(pid: int) -> list[int]:
   return out
 
 
+def _cpu_seconds(pid: int) -> float:
+  """User + system CPU time of a process so far (Linux /proc)."""
+  try:
+    with open(f'/proc/{pid}/stat', encoding='ascii') as f:
+      fields = f.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+  except (OSError, IndexError, ValueError):
+    return 0.0
+
+
 def _pipeline_rss_mib(baseline_mib: float) -> float:
   """RSS of the pipeline: this process's growth since `baseline_mib` plus its workers."""
   own = _rss_mib(os.getpid()) - baseline_mib
@@ -320,7 +331,6 @@ def benchmark_input() -> dict:
   """Samples/s, bytes read per sample and host memory of the pretraining input pipeline."""
   from configs import pretrain
   from cromss_jax import input_pipeline
-  workers = _usable_cores() if FLAGS.input_workers is None else FLAGS.input_workers
   with tempfile.TemporaryDirectory() as tmp:
     dataset_dir = FLAGS.dataset_dir
     if not dataset_dir:
@@ -328,7 +338,11 @@ def benchmark_input() -> dict:
       _convert_raw(_generate_raw(tmp, FLAGS.locations), dataset_dir)
     config = pretrain.get_config()
     config.data.dataset_dir = dataset_dir
-    config.data.num_workers = workers
+    if FLAGS.input_workers is not None:
+      config.data.num_workers = FLAGS.input_workers
+    workers = config.data.num_workers
+    if FLAGS.input_prefetch is not None:
+      config.data.prefetch = FLAGS.input_prefetch
     config.training.global_batch_size = FLAGS.input_batch
     config.training.steps_per_epoch = FLAGS.input_batches + 1
     info = input_pipeline.pretrain_info(config, process_count=1)
@@ -344,25 +358,37 @@ def benchmark_input() -> dict:
                                                        process_count=1)
     next(iterator)  # start-up (workers, opening files) is not throughput
     peak_rss = 0.0
+    workers_cpu = {pid: _cpu_seconds(pid) for pid in _child_pids(os.getpid())}
+    own_cpu = _cpu_seconds(os.getpid())
     t0 = time.perf_counter()
     for _ in range(FLAGS.input_batches):
       next(iterator)
       peak_rss = max(peak_rss, _pipeline_rss_mib(baseline))
     elapsed = time.perf_counter() - t0
+    own_cpu = _cpu_seconds(os.getpid()) - own_cpu
+    workers_cpu = sum(_cpu_seconds(pid) - workers_cpu.get(pid, 0.0)
+                      for pid in _child_pids(os.getpid()))
     del iterator
   samples = FLAGS.input_batches * config.training.global_batch_size
   rate = samples / elapsed
   cores = _usable_cores()
+  cpu = own_cpu + workers_cpu
   figures = {'mode': 'input', 'samples_per_s': round(rate, 1),
              'samples_per_s_per_core': round(rate / cores, 1), 'cores': cores,
+             'samples_per_cpu_s': round(samples / cpu, 1) if cpu > 0 else None,
+             'cpu_s_main': round(own_cpu, 2), 'cpu_s_workers': round(workers_cpu, 2),
              'workers': workers, 'tile': info.tile_size, 'batch': config.training.global_batch_size,
              'bytes_per_sample': int(bytes_per_sample), 'pipeline_rss_mib': round(peak_rss),
              'load_avg': round(os.getloadavg()[0], 2)}
   _print_table(
       f'Pretraining input pipeline: {info.tile_size} px (location, season) records, whole '
-      f'uint8 tiles, batch {config.training.global_batch_size}, {workers} workers',
+      f'uint8 tiles, batch {config.training.global_batch_size}, '
+      + (f'{workers} reader processes' if workers else
+         f'{config.data.prefetch} reader threads'),
       [('throughput', f'{rate:.1f} samples/s'),
        ('per core', f'{rate / cores:.1f} samples/s ({cores} cores)'),
+       ('per CPU second', f'{figures["samples_per_cpu_s"]} samples (main {own_cpu:.1f} s + '
+                          f'workers {workers_cpu:.1f} s of CPU)'),
        ('bytes read per sample', f'{bytes_per_sample / 1e6:.3f} MB'),
        ('pipeline memory (peak RSS)', f'{peak_rss:.0f} MiB (this process\'s growth + workers)'),
        ('load average', figures['load_avg'])], figures)
