@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-fast venv venv-test clean
+.PHONY: demo test test-fast venv venv-test clean bench-gpu
 
 venv: $(VENV)/.installed
 
@@ -37,6 +37,18 @@ test: venv-test
 # Everything but the tests marked slow (real-model training runs, subprocess chains).
 test-fast: venv-test
 	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
+
+# The GPU figures of docs/PERFORMANCE.md ('Next: GPU'), as one script: run on a GPU host whose
+# Python has jax with its CUDA plugin and this repository's other requirements
+# (`make bench-gpu BENCH_PY=python3`). The pipeline runs generate and convert 64 locations first.
+BENCH_PY ?= $(PY)
+BENCH_STEP := $(BENCH_PY) -m cromss_jax.benchmark step --encoder resnet50 --batch 128 --size 256 \
+	--tile 264 --dtype bf16
+bench-gpu:
+	$(BENCH_STEP) --fusion mid --steps 20
+	$(BENCH_STEP) --fusion late --steps 20
+	$(BENCH_STEP) --fusion mid --steps 30 --feed pipeline --locations 64
+	$(BENCH_PY) -m cromss_jax.benchmark input --locations 64 --input_batch 128 --input_batches 10
 
 clean:
 	rm -rf $(DEMO_DIR)

@@ -56,6 +56,11 @@ flags.DEFINE_integer('steps', 10, 'step: timed steps after warm-up')
 flags.DEFINE_integer('warmup', 2, 'step: untimed steps after compilation')
 flags.DEFINE_enum('dtype', 'f32', ['bf16', 'f32'], 'step: compute dtype')
 flags.DEFINE_integer('s2_bands', 13, 'step: S2 channels (13, 12, 9 or 3)')
+flags.DEFINE_integer('tile', None, 'step: synthetic tile size the step crops --size out of '
+                     '(default: --size; the release: 264)')
+flags.DEFINE_enum('feed', 'synthetic', ['synthetic', 'pipeline'],
+                  'step: device-resident synthetic batch (timed per step), or the real input '
+                  'pipeline on --dataset_dir (default: generated) timed end to end')
 flags.DEFINE_float('peak_tflops', None, 'step: device peak for MFU (default: table by device)')
 flags.DEFINE_bool('compare_torch', False,
                   'step: also time the same networks in PyTorch (f32, CPU), one JAX step and one '
@@ -110,6 +115,41 @@ def _step_figures(seconds: list[float], batch: int) -> tuple[np.ndarray, float, 
   return times_ms, step_ms, batch / (step_ms / 1e3)
 
 
+class _PipelineFeed:
+  """The real pretraining input pipeline feeding the step; `wait` sums the host-side time."""
+
+  def __init__(self, iterator, mesh):
+    self._iterator = iterator
+    self._mesh = mesh
+    self.wait = 0.0
+
+  def next_batch(self):
+    from cromss_jax import sharding
+    t0 = time.perf_counter()
+    batch = sharding.host_batch_to_global(next(self._iterator), self._mesh)
+    self.wait += time.perf_counter() - t0
+    return batch
+
+
+def _pipeline_feed(config, mesh) -> _PipelineFeed:
+  """Generated (or --dataset_dir) records through create_pretrain_iterator, endless."""
+  from cromss_jax import input_pipeline
+  dataset_dir = FLAGS.dataset_dir
+  if not dataset_dir:
+    tmp = tempfile.mkdtemp(prefix='cromss_bench_')
+    dataset_dir = os.path.join(tmp, 'records')
+    _convert_raw(_generate_raw(tmp, FLAGS.locations), dataset_dir)
+  config.data.dataset_dir = dataset_dir
+  if FLAGS.input_workers is not None:
+    config.data.num_workers = FLAGS.input_workers
+  if FLAGS.input_prefetch is not None:
+    config.data.prefetch = FLAGS.input_prefetch
+  config.training.steps_per_epoch = 1000   # the split may hold fewer locations than a batch
+  info = input_pipeline.pretrain_info(config)
+  config.data.tile_size = info.tile_size
+  return _PipelineFeed(input_pipeline.create_pretrain_iterator(config, 'train'), mesh)
+
+
 def benchmark_step() -> dict:
   """Compile time, step time, images/s, MFU and memory of the full pretraining step."""
   from configs import pretrain
@@ -137,15 +177,20 @@ def benchmark_step() -> dict:
   tx = train.create_optimizer(config.optimizer)
   state, state_sh = train.init_state(learner, config, mesh, tx, train.create_plateau(config))
 
-  rng = np.random.default_rng(0)
-  host_batch = {
-      's1': rng.integers(0, 256, (batch, size, size, 2), dtype=np.uint8),
-      's2': rng.integers(0, 256, (batch, size, size, FLAGS.s2_bands), dtype=np.uint8),
-      'labels': rng.integers(0, 9, (batch, size, size)).astype(np.int32),
-      'season_labels': rng.integers(0, 9, (batch, 4, size, size)).astype(np.uint8),
-      'season': rng.integers(0, 4, (batch,)).astype(np.int32),
-  }
-  batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(mesh))
+  feed = _pipeline_feed(config, mesh) if FLAGS.feed == 'pipeline' else None
+  if feed is None:
+    tile = FLAGS.tile or size
+    rng = np.random.default_rng(0)
+    host_batch = {   # whole tiles as the pipeline gives them; the step crops `size` out
+        's1': rng.integers(0, 256, (batch, tile, tile, 2), dtype=np.uint8),
+        's2': rng.integers(0, 256, (batch, tile, tile, FLAGS.s2_bands), dtype=np.uint8),
+        'labels': rng.integers(0, 9, (batch, tile, tile)).astype(np.uint8),
+        'season_labels': rng.integers(0, 9, (batch, 4, tile, tile)).astype(np.uint8),
+        'season': rng.integers(0, 4, (batch,)).astype(np.int32),
+    }
+    batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(mesh))
+  else:
+    batch_arrays = feed.next_batch()
   step_fn = train.make_train_step(learner, config, mesh, state_sh, steps_per_epoch=1000,
                                   total_steps=1000, tx=tx)
 
@@ -159,7 +204,18 @@ def benchmark_step() -> dict:
   jax.block_until_ready(state)
   load_start = os.getloadavg()[0]
   times, torch_times = [], []
-  for _ in range(FLAGS.steps):  # A B A B: both sides see the same load
+  if feed is not None:   # end to end: the loop's double buffer, input wait measured
+    batch_arrays = feed.next_batch()
+    feed.wait = 0.0
+    t_start = time.perf_counter()
+    for step in range(FLAGS.steps):
+      state, out = compiled(state, batch_arrays)
+      if step + 1 < FLAGS.steps:
+        batch_arrays = feed.next_batch()
+    jax.block_until_ready((state, out))
+    elapsed = time.perf_counter() - t_start
+    times = [elapsed / FLAGS.steps] * FLAGS.steps
+  for _ in range(FLAGS.steps if feed is None else 0):  # A B A B: both sides see the same load
     t0 = time.perf_counter()
     state, out = compiled(state, batch_arrays)
     jax.block_until_ready((state, out))
@@ -190,6 +246,7 @@ def benchmark_step() -> dict:
       'imgs_per_s': round(imgs_per_s, 2), 'peak_bytes': int(peak_bytes),
       'mfu': None if mfu is None else round(mfu, 4), 'peak_tflops_used': peak,
       'loss_finite': finite, 'xla_flags': os.environ.get('XLA_FLAGS', ''),
+      'feed': FLAGS.feed, 'tile': int(batch_arrays['s1'].shape[1]),
       'load_avg': [round(load_start, 2), round(load_end, 2)]}
   rows = [('compile', f'{compile_s:.1f} s'),
           ('step time (median)', f'{step_ms:.1f} ms  (p10 {figures["step_ms_p10"]}, '
@@ -199,6 +256,11 @@ def benchmark_step() -> dict:
            else f'{mfu * 100:.1f} % of {peak} TFLOP/s x {n_devices}'),
           ('peak memory', f'{peak_bytes / 2**30:.2f} GiB'),
           ('loss finite', finite)]
+  if feed is not None:
+    figures['input_wait_share'] = round(feed.wait / (FLAGS.steps * step_ms / 1e3), 4)
+    rows.append(('input wait', f'{100 * figures["input_wait_share"]:.1f} % of the run '
+                               f'(pipeline: {config.data.prefetch} reader threads'
+                               f'{"" if not config.data.num_workers else ", " + str(config.data.num_workers) + " processes"})'))
   if torch_step is not None:
     import torch
     torch_ms, torch_step_ms, torch_imgs = _step_figures(torch_times, batch)
