@@ -321,7 +321,7 @@ def toy_batch(step: int, nan: bool = False) -> dict[str, np.ndarray]:
 
 
 def toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None,
-             width: int = 4) -> train.Task:
+             width: int = 4, stream: dict | None = None) -> train.Task:
   """A conv + BatchNorm + dense regression task on synthetic batches: compiles in about a second."""
   model = ToyModel(width)
   yielded = [] if yielded is None else yielded
@@ -354,7 +354,7 @@ def toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None
           apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
           loss_fn=loss_fn),
       data=train.Data(train_iterator=train_iterator, steps_per_epoch=steps_per_epoch,
-                      global_batch_size=4),
+                      global_batch_size=4, stream=stream or {}),
       evaluation=train.Evaluation(
           eval_fn=eval_fn, summarise=lambda sums: {'val_loss': float(sums['se'] / sums['n'])},
           eval_iterator=lambda: iter([toy_batch(10_000)])))

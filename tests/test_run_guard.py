@@ -40,6 +40,26 @@ def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):
   assert recorded['optimizer']['learning_rate'] == 3e-2
 
 
+def test_resume_on_another_data_stream_is_refused(tmp_path):
+  """The checkpoint records the stream (Data.stream); the step alone would point elsewhere."""
+  stream = {'train_locations': 100, 'seed': 42}
+  train.train_and_evaluate(toy_config(num_epochs=1), str(tmp_path), toy_task(2, stream=stream))
+  assert restore_step(tmp_path, 2)[1]['data_stream'] == stream
+  moved = dict(stream, train_locations=96)   # e.g. the data converted again with fewer
+  with pytest.raises(cli.UserError) as info:
+    train.train_and_evaluate(toy_config(num_epochs=2), str(tmp_path), toy_task(2, stream=moved))
+  message = str(info.value)
+  assert 'step 2' in message and 'train_locations: 100 -> 96' in message
+  assert '--allow_config_change' in message and '\n' not in message
+  assert complete_steps(tmp_path) == [2], 'a refused resume must not touch the checkpoints'
+  # The same stream resumes; an explicitly allowed change does too, and is recorded.
+  train.train_and_evaluate(toy_config(num_epochs=2), str(tmp_path), toy_task(2, stream=stream))
+  train.train_and_evaluate(toy_config(num_epochs=3), str(tmp_path), toy_task(2, stream=moved),
+                           allow_config_change=True)
+  assert complete_steps(tmp_path)[-1] == 6
+  assert restore_step(tmp_path, 6)[1]['data_stream'] == moved
+
+
 def test_longer_training_and_moved_data_may_resume(tmp_path):
   train.train_and_evaluate(toy_config(num_epochs=1), str(tmp_path), toy_task(2))
   longer = toy_config(num_epochs=2)
