@@ -15,8 +15,7 @@ from cromss_jax import metrics as metrics_lib
 from cromss_jax import models
 from cromss_jax import objective
 from cromss_jax import visualize
-from cromss_jax.config_validation import (validate_against_dataset, validate_keys,
-                                          validate_pretrain_config)
+from cromss_jax.config_validation import validate_against_dataset, validate_pretrain_config
 from cromss_jax.train.task import Batch, Data, Evaluation, Learner, LossFn, Task
 
 
