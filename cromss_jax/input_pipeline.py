@@ -733,8 +733,8 @@ def create_pretrain_iterator(config: ml_collections.ConfigDict, split: str = 'tr
     sampler = pretrain_reader.PretrainSampler(
         reader, steps_per_epoch=steps, global_batch=config.training.global_batch_size,
         per_host_batch=phb, process_index=process_index, **common)
-    stop = None if num_steps is None else (start_step + num_steps) * phb
-    positions = grain.MapDataset.range(start_step * phb, stop if stop is not None else 2**62)
+    end_step = 2**62 // phb if num_steps is None else start_step + num_steps   # 'endless'
+    positions = grain.MapDataset.range(start_step * phb, end_step * phb)
     logging.info('%s/%s train stream: host %d/%d, %d locations x %d seasons, %d steps/epoch of '
                  '%d per host, starting at step %d (epoch %d).', source.kind.name, split,
                  process_index, process_count, locations, source.num_seasons, steps, phb,
