@@ -34,7 +34,33 @@ _SHARED_RUN_FIXTURES = frozenset({'shared', 'exported'})
 
 
 def pytest_collection_modifyitems(config, items):
-  del config  # unused
   for item in items:
     if _SHARED_RUN_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.slow)
+  _restore_xdist_groups(config, items)
+
+
+def _xdist_group_suffix(item) -> str:
+  names = {str(m.args[0] if m.args else m.kwargs.get('name', 'default'))
+           for m in item.iter_markers('xdist_group')}
+  return '@' + '_'.join(sorted(names)) if names else ''
+
+
+def _restore_xdist_groups(config, items) -> None:
+  """Keeps each `xdist_group` on one worker under `--dist loadgroup`.
+
+  pytest-xdist 3.8.0 tells its scheduler a test's group by appending '@group' to the test's
+  private `item._nodeid`, which pytest 9.2 no longer reads (node ids became structured,
+  `item._id`): the suffix is lost, the groups are spread over the workers like `--dist load`,
+  and each worker made the shared pretraining run of tests/pretrain_run.py again (~200 s;
+  pytest-dev/pytest-xdist#1386). This sets the suffix where xdist's own hook could not; it does
+  nothing where the suffix is already there (a fixed xdist, or an older pytest).
+  """
+  if not getattr(config.option, 'loadgroup', False):   # set on the xdist workers only
+    return
+  for item in items:
+    suffix = _xdist_group_suffix(item)
+    if not suffix or item.nodeid.endswith(suffix) or not hasattr(item, '_id'):
+      continue
+    from _pytest.nodeid import NodeId  # pylint: disable=g-import-not-at-top
+    item._id = NodeId.parse(item.nodeid + suffix)  # pylint: disable=protected-access
