@@ -39,24 +39,13 @@ import time
 from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
-import jax
 import ml_collections
 import numpy as np
 
-from configs import pretrain as pretrain_cfg
-from configs import transfer as transfer_cfg
 from cromss_jax import cli
-from cromss_jax import exports
-from cromss_jax import logs
-from cromss_jax import train
-from cromss_jax import utils
-from cromss_jax.tasks import ablations
-from cromss_jax.tasks import pretrain as pretrain_task
-from cromss_jax.tasks import transfer
-from cromss_jax.config_validation import validate_pretrain_config
-from data_prep import dfc2020
-from data_prep import make_demo
-from data_prep import ssl4eo
+
+# JAX, TensorFlow, the tasks and the converters are imported where they are used, so that
+# `--help` and a command-line mistake answer in about a second instead of ~10 s.
 
 MODALITIES = ('s1', 's2')
 SETTINGS = ('frozen', 'finetuned')
@@ -127,6 +116,7 @@ def pretrain_config(settings: StudySettings, method: Method, seed: int,
                     dataset_dir: str) -> ml_collections.ConfigDict:
   """The `study` variant of configs/pretrain.py at the settings' scale, with the method's
   fusion and objective switches."""
+  from configs import pretrain as pretrain_cfg  # pylint: disable=g-import-not-at-top
   config = pretrain_cfg.get_config('study')
   config.seed = seed
   config.data.dataset_dir = dataset_dir
@@ -149,6 +139,7 @@ def transfer_config(settings: StudySettings, seed: int, dataset_dir: str, modali
                     encoder_path: str, setting: str) -> ml_collections.ConfigDict:
   """The `study` variant of configs/transfer.py at the settings' scale; evaluated on the test
   split at the end only."""
+  from configs import transfer as transfer_cfg  # pylint: disable=g-import-not-at-top
   config = transfer_cfg.get_config('study')
   config.seed = seed
   config.data.dataset_dir = dataset_dir
@@ -175,6 +166,7 @@ def _read_json(path: str) -> Any:
 
 
 def _write_json(path: str, payload: Any) -> None:
+  from cromss_jax import utils  # pylint: disable=g-import-not-at-top
   utils.write_text(path, json.dumps(payload, indent=1, default=_json_default))
 
 
@@ -194,6 +186,7 @@ def _seed_dir(settings: StudySettings, seed: int) -> str:
 
 def prepare_data(settings: StudySettings, seed: int) -> dict[str, Any]:
   """Generates and converts the seed's world; returns the record folders and label agreement."""
+  from data_prep import dfc2020, make_demo, ssl4eo  # pylint: disable=g-import-not-at-top
   base = _seed_dir(settings, seed)
   raw = os.path.join(base, 'raw')
   summary_path = os.path.join(raw, 'summary.json')
@@ -223,6 +216,13 @@ def prepare_data(settings: StudySettings, seed: int) -> dict[str, Any]:
 def pretrain(settings: StudySettings, method: Method, seed: int,
              dataset_dir: str) -> dict[str, Any]:
   """Pretrains (or resumes) one method and exports its encoders; returns the run record."""
+  # pylint: disable=g-import-not-at-top
+  import jax
+  from cromss_jax import exports, train
+  from cromss_jax.config_validation import validate_pretrain_config
+  from cromss_jax.tasks import ablations
+  from cromss_jax.tasks import pretrain as pretrain_task
+  # pylint: enable=g-import-not-at-top
   base = _seed_dir(settings, seed)
   workdir = os.path.join(base, 'pretrain', method.key)
   export_dir = os.path.join(base, 'export', method.key)
@@ -252,6 +252,7 @@ def pretrain(settings: StudySettings, method: Method, seed: int,
 def transfer_one(settings: StudySettings, seed: int, dataset_dir: str, method: Method,
                  modality: str, setting: str, encoder_path: str) -> dict[str, Any]:
   """Transfers one encoder (or a random one) to the seed's DFC2020-style set; returns scores."""
+  from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top
   base = _seed_dir(settings, seed)
   workdir = os.path.join(base, 'transfer', f'{method.key}_{modality}_{setting}')
   metrics_path = os.path.join(workdir, 'metrics.json')
@@ -721,6 +722,7 @@ def settings_from_flags() -> StudySettings:
 
 def configure_runtime(out: str) -> None:
   """CPU-friendly defaults: no GPU for TF, one persistent XLA cache under the output folder."""
+  import jax  # pylint: disable=g-import-not-at-top
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   tf.config.set_visible_devices([], 'GPU')
   cache = os.environ.get('JAX_COMPILATION_CACHE_DIR') or os.path.join(out, 'xla_cache')
@@ -731,6 +733,7 @@ def configure_runtime(out: str) -> None:
 
 def main(argv):
   del argv
+  from cromss_jax import logs  # pylint: disable=g-import-not-at-top
   logs.quiet_libraries()
   settings = settings_from_flags()
   configure_runtime(settings.out)
@@ -743,7 +746,9 @@ def main(argv):
     print('\n' + f.read())
 
 
-def run() -> None:
+def run(*, flags_defined: bool = False) -> None:
+  if not flags_defined:   # the shim (cromss_jax/study.py) defines them before adopting them
+    define_flags()
   cli.run_absl(main)
 
 
