@@ -20,21 +20,25 @@ from typing import Sequence
 from absl import flags
 
 from cromss_jax import cli
-from cromss_jax import exports
-from cromss_jax import logs
-from cromss_jax import torch_weights
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'PyTorch checkpoint (.ckpt, .pth, .pt).')
 _OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
 _PREFIX = flags.DEFINE_string('prefix', None, 'Key prefix of the ResNet to take, e.g. '
                               '"module.encoder_q." (default: found from the keys).')
-_FORMAT = flags.DEFINE_enum('format', 'orbax', list(exports.FORMATS),
+# exports.FORMATS, written out so that --help and flag mistakes answer without importing JAX
+# (~2 s); the library checks the value against exports.FORMATS.
+_FORMAT = flags.DEFINE_enum('format', 'orbax', ['orbax', 'safetensors'],
                             'Storage of the variables: orbax or safetensors.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export directory.')
 
 
 def main(argv: Sequence[str]) -> None:
   cli.check_command_line(argv, checkpoint=_CHECKPOINT.value, out=_OUT.value)
+  # pylint: disable=g-import-not-at-top
+  from cromss_jax import exports
+  from cromss_jax import logs
+  from cromss_jax import torch_weights
+  # pylint: enable=g-import-not-at-top
   logs.quiet_libraries()
   paths = torch_weights.import_checkpoint(_CHECKPOINT.value, _OUT.value, prefix=_PREFIX.value,
                                           overwrite=_OVERWRITE.value, fmt=_FORMAT.value)

@@ -22,7 +22,6 @@ from typing import Sequence
 from absl import flags
 
 from cromss_jax import cli
-from cromss_jax import mapping
 
 _MODEL = flags.DEFINE_string('model', None, 'Transfer workdir, or pretraining export '
                              '(EXPORT/pretrain_model or EXPORT).')
@@ -52,6 +51,8 @@ def main(argv: Sequence[str]) -> None:
     raise cli.UserError(f'unexpected arguments: {" ".join(argv[1:])}')
   if not _MODEL.value or not _OUT.value:
     raise cli.UserError('--model and --out are required')
+  # Here, not at the top: `--help` and the mistakes above answer without importing JAX (~2 s).
+  from cromss_jax import mapping  # pylint: disable=g-import-not-at-top
   # Everything that needs no model first: a bad argument costs no model loading.
   mapping.check_arguments(_WINDOW.value, _OVERLAP.value, _BATCH.value, _S2_OFFSET.value)
   for what, path in (('S2', _S2.value), ('S1', _S1.value)):
