@@ -47,10 +47,13 @@ from typing import Any, Callable, Iterator
 
 from absl import flags
 from absl import logging
+from etils import epy
 import ml_collections
 import numpy as np
-import tensorflow as tf
 import tensorflow_datasets as tfds
+
+with epy.lazy_imports():  # On first use (tf.data, downstream only): ~9 s of CPU to import.
+  import tensorflow as tf
 
 from cromss_jax import config_validation
 from cromss_jax import constants
@@ -58,7 +61,6 @@ from cromss_jax import pretrain_reader
 
 Batch = dict[str, np.ndarray]
 
-_AUTOTUNE = tf.data.AUTOTUNE
 # Salts that keep the independent random streams of one element apart.
 _FILES_SALT, _SHUFFLE_SALT, _EVAL_SALT = 1, 2, 3
 
@@ -507,7 +509,7 @@ def _read(path: tf.Tensor) -> tf.data.Dataset:
 
 def _interleave(files: tf.data.Dataset, num_files: int) -> tf.data.Dataset:
   return files.interleave(_read, cycle_length=max(1, min(num_files, 16)), block_length=1,
-                          num_parallel_calls=_AUTOTUNE, deterministic=True)
+                          num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _int_seed(key: tf.Tensor, salt: int) -> tf.Tensor:
@@ -606,7 +608,7 @@ def _create_iterator(config: ml_collections.ConfigDict, source: _Source, split: 
   seed = config.seed if seed is None else seed
   base_key = tf.constant([seed, 0], tf.int64)
   parallel = config.data.num_parallel_calls
-  parallel = _AUTOTUNE if parallel < 0 else parallel
+  parallel = tf.data.AUTOTUNE if parallel < 0 else parallel
   decode = source.builder.info.features.deserialize_example
 
   if train:

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import tensorflow as tf
 from absl import logging
+from etils import epath
+from etils import epy
 from jax.experimental import multihost_utils
 
 from cromss_jax import checkpointing
@@ -32,6 +33,9 @@ from cromss_jax.train import state as state_lib
 from cromss_jax.train import step as step_lib
 from cromss_jax.train.state import TrainState
 from cromss_jax.train.task import Task
+
+with epy.lazy_imports():  # On first use (TensorBoard, remote workdirs): ~9 s of CPU to import.
+  import tensorflow as tf
 
 
 class TrainingError(cli.UserError):
@@ -128,7 +132,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   refused (a lock file holds the owner's pid).
   """
   validate_mesh(config, jax.device_count())
-  tf.io.gfile.makedirs(workdir)
+  epath.Path(workdir).mkdir(parents=True, exist_ok=True)
   with run_guard.WorkdirLock(workdir), _StopFlag() as stop:
     run_guard.check_and_record_config(workdir, config, allow_change=allow_config_change)
     return _train_and_evaluate(config, workdir, task, stop, allow_config_change)

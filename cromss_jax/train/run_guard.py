@@ -15,10 +15,14 @@ from typing import Any
 
 import jax
 import ml_collections
-import tensorflow as tf
+from etils import epath
+from etils import epy
 
 from cromss_jax import cli
 from cromss_jax import utils
+
+with epy.lazy_imports():  # On first use (remote workdirs): ~9 s of CPU to import.
+  import tensorflow as tf
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -59,9 +63,8 @@ def check_and_record_config(workdir: str, config: ml_collections.ConfigDict, *,
   """Refuses a workdir started with another config; records this one (process 0)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort())
-  if tf.io.gfile.exists(path):
-    with tf.io.gfile.GFile(path) as f:
-      recorded = json.load(f)
+  if epath.Path(path).exists():   # epath: local paths without TensorFlow, gs:// with it
+    recorded = json.loads(epath.Path(path).read_text())
     differences = config_differences(recorded, current)
     if differences and not allow_change:
       raise cli.UserError(
