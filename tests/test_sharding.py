@@ -1,6 +1,9 @@
 """Mesh and shardings: FSDP-sharded training equals single-device training.
 
-Runs in a subprocess with 4 simulated CPU devices (the device count is fixed when JAX starts).
+The FSDP run is a subprocess with 4 simulated CPU devices (the device count is fixed when JAX
+starts); the single-device reference, a subprocess of its own, builds the programs of
+test_benchmark.py's `step` tests (see tests/drivers/fsdp_step.py): on the same xdist worker,
+after them, it loads them from the persistent compilation cache.
 """
 import json
 import os
@@ -15,12 +18,15 @@ DRIVER = os.path.join(REPO, 'tests', 'drivers', 'fsdp_step.py')
 
 
 @pytest.mark.slow
-def test_fsdp_mesh_trains_like_one_device():
-  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
-             PYTHONPATH=REPO)
-  result = subprocess.run([sys.executable, DRIVER], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
-  assert result.returncode == 0, result.stderr[-3000:]
+@pytest.mark.xdist_group('resnet18_step')
+def test_fsdp_mesh_trains_like_one_device(tmp_path):
+  ref = str(tmp_path / 'single.npz')
+  for mode, devices in (('single', 1), ('fsdp', 4)):
+    env = dict(os.environ, XLA_FLAGS=f'--xla_force_host_platform_device_count={devices}',
+               PYTHONPATH=REPO)
+    result = subprocess.run([sys.executable, DRIVER, mode, ref], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=900, check=False)
+    assert result.returncode == 0, (mode, result.stderr[-3000:])
   out = json.loads(result.stdout.strip().splitlines()[-1])
   # Same maths, different reduction order across 4 devices: float32 rounding only.
   assert abs(out['single_losses'][0] - out['fsdp_losses'][0]) < 1e-4 * abs(out['single_losses'][0])

@@ -1,32 +1,55 @@
-"""One FSDP-sharded and one single-device train step on 4 simulated CPU devices; prints JSON."""
+"""One single-device and one FSDP-sharded train step (2 steps each); prints JSON.
+
+  fsdp_step.py single REF.npz   one device: the losses and the state after the first step
+  fsdp_step.py fsdp REF.npz     4 devices (--xla_force_host_platform_device_count=4), mesh
+                                data=2 x fsdp=2: compared with REF.npz, printed as JSON
+
+The single-device run is a process of its own, built exactly like `python -m
+cromss_jax.benchmark step --encoder resnet18 --batch 4 --size 32 --dtype f32` (the default
+config with those settings, whole 32 px uint8 tiles, a 1000-step schedule): its init and step
+programs are then the ones tests/test_benchmark.py compiles, and on the same xdist worker after
+it (xdist_group 'resnet18_step') they load from the persistent compilation cache instead of
+compiling again (~60 s on 2 cores). In a process that simulates 4 devices the cache key differs
+even for one-device programs, hence two processes. What is tested (FSDP equals one device)
+depends on neither the crop nor the schedule.
+"""
 import json
-import jax, numpy as np
+import sys
+
+import jax
+import numpy as np
+
 from configs import pretrain
 from cromss_jax import sharding, train
 from cromss_jax.tasks import pretrain as pretrain_task
 from cromss_jax.config_validation import ConfigError, validate_mesh
 
+SIZE, BATCH, STEPS = 32, 4, 1000   # keep in step with tests/test_benchmark.py (BENCH_STEP)
+
+
 def run(data, fsdp, devices):
   cfg = pretrain.get_config()
   cfg.model.encoder = 'resnet18'
+  cfg.model.fusion = 'mid'
   cfg.model.compute_dtype = 'float32'
+  cfg.data.s2_bands = 13
+  cfg.data.crop_size = SIZE
+  cfg.training.global_batch_size = BATCH
   cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
-  size, batch = 64, 4
-  cfg.data.crop_size = size
   learner = pretrain_task.create_pretrain_learner(cfg)
   mesh = sharding.create_mesh(cfg, devices)
   tx = train.create_optimizer(cfg.optimizer)
   state, shardings = train.init_state(learner, cfg, mesh, tx, train.create_plateau(cfg))
-  step = train.make_train_step(learner, cfg, mesh, shardings, steps_per_epoch=10,
-                               total_steps=10, tx=tx)
+  step = train.make_train_step(learner, cfg, mesh, shardings, steps_per_epoch=STEPS,
+                               total_steps=STEPS, tx=tx)
   rng = np.random.default_rng(0)
   losses, after_first = [], None
   for _ in range(2):
-    host = {'s1': rng.integers(0, 256, (batch, size, size, 2), dtype=np.uint8),
-            's2': rng.integers(0, 256, (batch, size, size, 13), dtype=np.uint8),
-            'labels': rng.integers(0, 9, (batch, size, size)).astype(np.int32),
-            'season_labels': rng.integers(0, 9, (batch, 4, size, size)).astype(np.uint8),
-            'season': rng.integers(0, 4, (batch,)).astype(np.int32)}
+    host = {'s1': rng.integers(0, 256, (BATCH, SIZE, SIZE, 2), dtype=np.uint8),
+            's2': rng.integers(0, 256, (BATCH, SIZE, SIZE, 13), dtype=np.uint8),
+            'labels': rng.integers(0, 9, (BATCH, SIZE, SIZE)).astype(np.uint8),
+            'season_labels': rng.integers(0, 9, (BATCH, 4, SIZE, SIZE)).astype(np.uint8),
+            'season': rng.integers(0, 4, (BATCH,)).astype(np.int32)}
     state, metrics = step(state, sharding.host_batch_to_global(host, mesh))
     losses.append(float(metrics['loss']))
     if after_first is None:
@@ -34,12 +57,28 @@ def run(data, fsdp, devices):
   kernel = state.params['encoder_s2']['layer4']['block0']['conv2']['kernel']
   return after_first, losses, str(kernel.sharding.spec)
 
-single, single_losses, single_spec = run(1, 1, jax.devices()[:1])
-fsdp, fsdp_losses, fsdp_spec = run(2, 2, jax.devices())
-diffs = np.concatenate([np.abs(a - b).ravel() for a, b in
-                        zip(jax.tree.leaves(single[0]), jax.tree.leaves(fsdp[0]))])
-stats_diff = max(float(np.max(np.abs(a - b))) for a, b in
-                 zip(jax.tree.leaves(single[1]), jax.tree.leaves(fsdp[1])))
+
+def _leaves(tree) -> list[np.ndarray]:
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+mode, ref_path = sys.argv[1:]
+if mode == 'single':
+  assert jax.device_count() == 1, jax.devices()
+  (params, stats), losses, spec = run(1, 1, jax.devices())
+  np.savez(ref_path, losses=np.asarray(losses), spec=np.asarray(spec),
+           **{f'p{i}': x for i, x in enumerate(_leaves(params))},
+           **{f's{i}': x for i, x in enumerate(_leaves(stats))})
+  sys.exit(0)
+
+assert mode == 'fsdp' and jax.device_count() == 4, (mode, jax.devices())
+ref = np.load(ref_path)
+(params, stats), fsdp_losses, fsdp_spec = run(2, 2, jax.devices())
+params, stats = _leaves(params), _leaves(stats)
+assert len(params) == len([k for k in ref if k.startswith('p')])
+assert len(stats) == len([k for k in ref if k.startswith('s') and k != 'spec'])
+diffs = np.concatenate([np.abs(ref[f'p{i}'] - x).ravel() for i, x in enumerate(params)])
+stats_diff = max(float(np.max(np.abs(ref[f's{i}'] - x))) for i, x in enumerate(stats))
 cfg = pretrain.get_config()
 cfg.training.global_batch_size = 4
 try:
@@ -47,8 +86,8 @@ try:
   batch_error = ''
 except ConfigError as err:
   batch_error = str(err)
-print(json.dumps({'single_losses': single_losses, 'fsdp_losses': fsdp_losses,
+print(json.dumps({'single_losses': ref['losses'].tolist(), 'fsdp_losses': fsdp_losses,
                   'max_param_diff': float(diffs.max()),
                   'share_params_within_1e-5': float(np.mean(diffs <= 1e-5)),
-                  'max_batch_stats_diff': stats_diff, 'single_spec': single_spec,
+                  'max_batch_stats_diff': stats_diff, 'single_spec': str(ref['spec']),
                   'fsdp_spec': fsdp_spec, 'batch_error': batch_error}))
