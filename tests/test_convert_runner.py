@@ -20,6 +20,10 @@ import pytest
 
 from data_prep import common
 
+# One xdist worker for the module: the module-scoped demo (a make_demo subprocess) is then
+# generated once, not once per worker.
+pytestmark = pytest.mark.xdist_group('test_convert_runner')
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIMEOUT_S = 240  # Far above a normal run (~15 s): reaching it means a hang.
 
@@ -158,10 +162,13 @@ def test_killed_worker_shard_is_retried_and_the_run_finishes(demo, tmp_path):
 def test_ctrl_c_stops_workers_and_the_rerun_resumes(demo, tmp_path):
   out = tmp_path / 'out'
   cmd = ['data_prep.dfc2020', '--root', str(demo / 'dfc2020'), '--out', str(out), '--workers',
-         '2', '--examples-per-shard', '4']
+         '2', '--examples-per-shard', '1']
   env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL='2')
+  # As from a terminal: Ctrl-C not ignored, whatever this test process inherited (an ignored
+  # SIGINT passes through exec, and Python then never raises KeyboardInterrupt).
   driver = subprocess.Popen([sys.executable, '-m', *cmd], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
   try:
     worker = _worker_building_a_shard(out, driver.pid, time.monotonic() + TIMEOUT_S)
     assert worker is not None, 'no worker was seen building a shard'
@@ -171,7 +178,8 @@ def test_ctrl_c_stops_workers_and_the_rerun_resumes(demo, tmp_path):
     if driver.poll() is None:
       driver.kill()
       driver.wait()
-  assert driver.returncode == common.EXIT_INTERRUPTED, stderr[-3000:]
+  assert driver.returncode == common.EXIT_INTERRUPTED, (
+      f'SIGINT here: {signal.getsignal(signal.SIGINT)}\n{stderr[-3000:]}')
   assert 'Traceback' not in stderr and 'rerun the same command to resume' in stderr
   assert not os.path.exists(f'/proc/{worker}')  # The driver stopped (and reaped) it.
   proc = _run(*cmd)
@@ -209,6 +217,7 @@ class _ToyConverter(common.Converter):
     return {}
 
 
+@pytest.mark.slow
 def test_shard_that_always_kills_its_worker_is_given_up_with_a_message(tmp_path):
   out = tmp_path / 'out'
   items = {'train': list(range(6))}
@@ -404,6 +413,7 @@ def test_overwrite_never_touches_another_dataset(demo, tmp_path):
   assert (out2 / common.STATE_DIR / 'mine.txt').read_text() == 'mine too'
 
 
+@pytest.mark.slow
 def test_make_demo_rerun_keeps_files_it_did_not_write(tmp_path):
   out = tmp_path / 'demo'
   args = ['data_prep.make_demo', '--out', str(out), '--locations', '2', '--dfc-validation', '1',
