@@ -34,7 +34,8 @@ XDIST := -n $(TEST_WORKERS) --dist loadgroup
 test: venv-test
 	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests
 
-# Everything but the tests marked slow (real-model training runs, subprocess chains).
+# Everything but the tests marked slow (those that compile a real model, train, or run a chain
+# of subprocesses: more than ~2 s each on 2 cores).
 test-fast: venv-test
 	$(PY) -m pytest -q $(XDIST) -m "not slow" $(PYTEST_ARGS) tests
 

@@ -225,6 +225,7 @@ def test_images_and_all_label_maps_move_together(rotation):
   assert len({out['s1'][i, 0, 0, 0] for i in range(16)}) > 1
 
 
+@pytest.mark.slow
 def test_keys_per_sample_and_determinism():
   batch = _structured_batch(6)
   aug = augment.AugmentConfig(crop_size=CROP, rotation='free', rotation_prob=0.5)
@@ -244,6 +245,7 @@ def test_keys_per_sample_and_determinism():
       np.testing.assert_array_equal(a[k][n], single[k], err_msg=k)
 
 
+@pytest.mark.slow
 def test_draw_rates_and_ranges():
   aug = augment.AugmentConfig(crop_size=CROP, rotation='rot90', rotation_prob=0.2)
   n = 4000
@@ -278,6 +280,7 @@ def test_draw_rates_and_ranges():
 # ------------------------------------------------------------------------------------------------
 # Config and the train step's loss
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_config_key_and_errors():
   config = pretrain_config.get_config()
   assert pretrain.device_augment(config) == augment.AugmentConfig(
@@ -302,6 +305,7 @@ class _PixelModel(nn.Module):
             nn.Conv(self.num_classes, (1, 1), name='c2')(s2))
 
 
+@pytest.mark.slow
 def test_loss_augments_whole_tiles_from_the_step_key():
   """The loss with `augment` on whole tiles == the plain loss on the batch augmented by that key."""
   config = pretrain_config.get_config('tiny')

@@ -1,7 +1,10 @@
 """The predict-memory benchmark runs end to end on a tiny scene and reports what it says."""
+import pytest
+
 from cromss_jax.apps import benchmark_predict
 
 
+@pytest.mark.slow
 def test_benchmark_predict_reports_peak_memory_and_skipped_windows(tmp_path):
   result = benchmark_predict.benchmark_predict(700, 900, valid=200, window=128, overlap=32,
                                                batch=4, network='toy',
@@ -13,6 +16,7 @@ def test_benchmark_predict_reports_peak_memory_and_skipped_windows(tmp_path):
   assert (tmp_path / 'map.tif').exists() and (tmp_path / 'map.qml').exists()
 
 
+@pytest.mark.slow
 def test_benchmark_cli_predict_mode_prints_figures_as_last_json_line():
   import json
   import subprocess

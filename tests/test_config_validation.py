@@ -589,6 +589,7 @@ CLI_CASES = {
 }
 
 
+@pytest.mark.slow
 def test_cli_config_errors_are_one_line_before_anything_starts(tmp_path):
   commands = {name: _main(tmp_path / name, config, *overrides)
               for name, (config, overrides, _) in CLI_CASES.items()}

@@ -116,6 +116,7 @@ def _expected_location(root, loc, resampling):
   return np.stack(s1), np.stack(s2), np.stack(labels), np.stack(clean)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('resampling', ['bilinear', 'nearest'])
 def test_ssl4eo_round_trip(tmp_path, resampling):
   root, out = tmp_path / 'raw', tmp_path / 'out'
@@ -155,6 +156,7 @@ def test_ssl4eo_round_trip(tmp_path, resampling):
     assert f.read().strip() == 'location,file,reason'
 
 
+@pytest.mark.slow
 def test_ssl4eo_records_are_uncompressed_array_record_one_per_season(tmp_path):
   """The layout the pretraining loader relies on: array_record shards of one record per
   (location, season), record i of a split = season i % 4 of the split's (i // 4)-th location,
@@ -289,6 +291,7 @@ BAD_KINDS = ('truncated', 'missing_band', 'missing_season', 'crs_mismatch', 'siz
 REASON_PREFIX = {'truncated': 'unreadable', 'missing_band': 'missing_file'}
 
 
+@pytest.mark.slow
 def test_ssl4eo_bad_inputs_are_rejected_and_strict_fails(tmp_path):
   root, out = str(tmp_path / 'raw'), tmp_path / 'out'
   locations = tuple(range(1, len(BAD_KINDS) + 3))
@@ -321,6 +324,7 @@ def test_ssl4eo_bad_inputs_are_rejected_and_strict_fails(tmp_path):
   assert not os.path.exists(tmp_path / 'strict' / 'dataset_info.json')
 
 
+@pytest.mark.slow
 def test_ssl4eo_label_pattern_and_missing_label(tmp_path):
   root, out = str(tmp_path / 'raw'), tmp_path / 'out'
   _make_ssl4eo(root, (1, 2, 3), np.random.default_rng(2), clean=False)
@@ -338,6 +342,7 @@ def test_ssl4eo_label_pattern_and_missing_label(tmp_path):
   assert 'clean_labels' not in records[0]
 
 
+@pytest.mark.slow
 def test_ssl4eo_resume_and_argument_check(tmp_path, monkeypatch):
   root, out = str(tmp_path / 'raw'), tmp_path / 'out'
   _make_ssl4eo(root, (1, 2, 3), np.random.default_rng(3), clean=False)

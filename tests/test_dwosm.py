@@ -29,6 +29,10 @@ from helpers import S1_STATS, S2_MEAN, S2_STD
 from cromss_jax.tasks import transfer
 from data_prep import ssl4eo_dwosm
 
+# One xdist worker for the module: the module-scoped conversion of both releases (`converted`,
+# ~10 s of subprocesses) is then made once, not once per worker.
+pytestmark = pytest.mark.xdist_group('test_dwosm')
+
 REPO = Path(__file__).resolve().parents[1]
 PROCESS_TIMEOUT_S = 420
 CRS = 'EPSG:32633'
@@ -154,6 +158,7 @@ def converted(tmp_path_factory):
   return base, releases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('labels', ['dw', 'osm'])
 def test_conversion_matches_rasterio_reads(converted, labels):
   base, releases = converted
@@ -270,6 +275,7 @@ def test_transfer_dw_runs_end_to_end(converted):
 
 
 
+@pytest.mark.slow   # the module fixture converts both releases in subprocesses (~20 s)
 def test_osm_config_reads_the_converted_data(converted):
   """The OSM config against its converted records: sizes, channels, batches, FPN (no compile)."""
   from cromss_jax import input_pipeline

@@ -190,6 +190,7 @@ PARITY_CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('depth,fusion,bands,fmt', PARITY_CASES)
 def test_imported_cromss_checkpoint_gives_the_pytorch_logits(tmp_path, depth, fusion, bands, fmt):
   cls = ref.MidFusion if fusion == 'mid' else ref.LateFusion
@@ -233,6 +234,7 @@ def test_imported_cromss_checkpoint_gives_the_pytorch_logits(tmp_path, depth, fu
 # ----------------------------------------------------------------------------------------------
 # torchvision / timm ResNet state dicts: one encoder
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize('prefix,channels', [('module.', 2), ('backbone.', 12), ('', 3)])
 def test_resnet_state_dict_becomes_one_encoder_that_transfer_accepts(tmp_path, prefix, channels):
   net = ref.randomise(ref.ResNetEncoder(18, channels, with_fc=True), seed=channels)
@@ -331,6 +333,7 @@ def test_two_resnets_need_a_prefix_and_the_prefix_selects_one():
 # ----------------------------------------------------------------------------------------------
 # The command line, the export folder, and README's three commands
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_cli_errors_are_one_line_and_overwrite_is_explicit(tmp_path):
   net = ref.randomise(ref.ResNetEncoder(18, 13), seed=4)
   path = str(tmp_path / 'b.pth')
@@ -359,6 +362,7 @@ def test_cli_errors_are_one_line_and_overwrite_is_explicit(tmp_path):
   assert not [p for p in os.listdir(tmp_path) if p.endswith('.tmp')]
 
 
+@pytest.mark.slow
 def test_a_failing_write_leaves_the_previous_export_whole(tmp_path, monkeypatch):
   net = ref.randomise(ref.MidFusion(18, 13, 9), seed=6)
   ckpt = _save_lightning(net, tmp_path / 'c.ckpt')

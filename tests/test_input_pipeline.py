@@ -264,6 +264,7 @@ def test_band_subsets(folders, bands):
       np.testing.assert_array_equal(batch['s2'][..., channel], batch['s1'][..., 0])
 
 
+@pytest.mark.slow
 def test_same_seed_same_batches_whatever_the_workers(folders):
   config = _config(folders['pretrain'])
   a = _take(ip.create_pretrain_iterator(config, process_index=0, process_count=1), 4)
@@ -335,6 +336,7 @@ def test_validation_covers_split_once(folders):
   _assert_batches_equal(again, runs[1, 0])
 
 
+@pytest.mark.slow
 def test_train_step_augments_whole_tiles(folders):
   """What the train step makes of a batch: crops whose labels still fit their images."""
   import jax   # pylint: disable=g-import-not-at-top
@@ -400,6 +402,7 @@ def test_bilinear_rotation_keeps_constant_bands(folders):
   np.testing.assert_array_equal(batch['s2'][..., 5], 0)
 
 
+@pytest.mark.slow
 def test_downstream_pipeline(folders):
   config = _dfc_config(folders['dfc'])
   batches = _take(ip.create_downstream_iterator(config, 'validation', train=True,

@@ -14,6 +14,9 @@ import rasterio
 from cromss_jax import constants
 from data_prep import make_demo
 
+# One xdist worker for the module: the module-scoped demo world is then generated once.
+pytestmark = pytest.mark.xdist_group('test_make_demo')
+
 S2_ACQ = re.compile(r'^(\d{8})T\d{6}_(\d{8})T\d{6}_T\d{2}[C-X][A-Z]{2}$')
 S1_ACQ = re.compile(
     r'^S1[AB]_IW_GRDH_1SDV_(\d{8})T\d{6}_\d{8}T\d{6}_\d{6}_[0-9A-F]{6}_[0-9A-F]{4}$')
@@ -51,6 +54,7 @@ def _location_dirs(root, sensor, loc):
   return sorted(os.listdir(os.path.join(root, 'ssl4eo', sensor, f'{loc:07d}')))
 
 
+@pytest.mark.slow
 def test_ssl4eo_layout_and_acquisition_names(demo):
   root, _ = demo
   assert sorted(os.listdir(os.path.join(root, 'ssl4eo', 's1'))) == [

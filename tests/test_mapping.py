@@ -117,6 +117,7 @@ def _expected_bands(probs, nodata):
   return classes, conf
 
 
+@pytest.mark.slow
 def test_streamed_map_equals_the_whole_scene_computation(tmp_path):
   height, width = 331, 1187                    # odd; 3 column blocks of 512 px
   scene = s2_scene(height, width, seed=1, nodata_rows=150)
@@ -155,6 +156,7 @@ def _check_cog(path):
 
 @pytest.mark.parametrize('crs,transform', [(UTM, UTM_T), (WGS84, WGS84_T)],
                          ids=['utm', 'epsg4326'])
+@pytest.mark.slow
 def test_cog_with_legend_in_the_input_crs(tmp_path, crs, transform):
   height, width = 613, 701
   scene = s2_scene(height, width, seed=2, nodata_rows=40)
@@ -200,6 +202,7 @@ def _stack(tmp_path, scene, name='s2.tif', **kw):
   return write_tif(tmp_path / name, scene, **kw)
 
 
+@pytest.mark.slow
 def test_s2_as_band_files_vrt_and_l2a(tmp_path):
   height, width = 150, 210                   # multiples of 6: the 60 m grid fits exactly
   scene = s2_scene(height, width, seed=3)
@@ -382,6 +385,7 @@ def _cli(*args, cwd=ROOT):
                         capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_cli_refuses_out_equal_to_input_with_one_error_line(tmp_path):
   s2 = _stack(tmp_path, s2_scene(32, 32))
   before = _sha(s2)

@@ -22,6 +22,10 @@ from flax import traverse_util
 from cromss_jax import models
 from cromss_jax.apps import model_summary as summary_cli
 
+# One xdist worker for the module: the module-scoped ResNet-18 fixtures (init, train and eval
+# programs, ~40 s of compilation on 2 cores) are then built once, not once per worker.
+pytestmark = pytest.mark.xdist_group('test_models')
+
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 64
 NUM_CLASSES = 9
@@ -204,6 +208,7 @@ def vars_b(mid18):
   return mid18['init'](1)
 
 
+@pytest.mark.slow
 def test_init_is_deterministic_per_seed(mid18, vars_a, vars_b):
   assert trees_equal(vars_a, mid18['init'](0))
   fa, fb = flat(vars_a['params']), flat(vars_b['params'])
@@ -211,6 +216,7 @@ def test_init_is_deterministic_per_seed(mid18, vars_a, vars_b):
   assert kernels and all(not np.array_equal(fa[k], fb[k]) for k in kernels)
 
 
+@pytest.mark.slow   # the module fixture compiles a ResNet-18 pair (~30 s)
 def test_initialisation_follows_torchvision_and_smp(vars_a):
   p = flat(vars_a['params'])
   for k, v in p.items():
@@ -231,6 +237,7 @@ def test_initialisation_follows_torchvision_and_smp(vars_a):
   assert np.abs(head).max() <= math.sqrt(6 / (9 * 16 + 9 * 9))
 
 
+@pytest.mark.slow
 def test_train_mode_updates_batch_stats_and_eval_mode_is_stateless(mid18, vars_a):
   (l1, l2), updates = mid18['train'](vars_a, *mid18['batch'])
   assert set(updates) == {'batch_stats', 'intermediates'}
@@ -245,6 +252,7 @@ def test_train_mode_updates_batch_stats_and_eval_mode_is_stateless(mid18, vars_a
   assert not np.allclose(e1, e2)   # the two branches see different sensors
 
 
+@pytest.mark.slow   # the module fixture compiles a ResNet-18 pair (~30 s)
 def test_stem_and_batchnorm_follow_torch_arithmetic(mid18, vars_a):
   """7x7/2 conv with symmetric padding 3 (not 'SAME'), BN eps 1e-5, running-stat momentum 0.1
   in torch terms (flax 0.9)."""
@@ -265,6 +273,7 @@ def test_stem_and_batchnorm_follow_torch_arithmetic(mid18, vars_a):
   np.testing.assert_allclose(stats['var'], 0.9 + 0.1 * var, rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_bfloat16_forward_is_finite_float32_and_close_to_float32(mid18, vars_a):
   bf16 = models.build_pretrain_model(model_cfg(compute_dtype='bfloat16'), NUM_CLASSES, 13)
   (b1, b2), updates = jax.jit(functools.partial(bf16.apply, train=True, mutable=['batch_stats']))(
@@ -276,6 +285,7 @@ def test_bfloat16_forward_is_finite_float32_and_close_to_float32(mid18, vars_a):
   assert {x.dtype for x in jax.tree.leaves(updates)} == {jnp.dtype(jnp.float32)}
 
 
+@pytest.mark.slow
 def test_encoder_round_trip(mid18, vars_a, vars_b):
   """S2 encoder of A moved into B: B's encoder equals A's, and so does the S2 prediction once
   the shared decoder is copied too; B's S1 branch stays B's own."""
@@ -322,6 +332,7 @@ def test_summary_in_process_reports_counts():
   assert any(line.startswith('decoder_s2 ') and '3,152,857' in line for line in lines)
 
 
+@pytest.mark.slow
 def test_summary_cli_last_line():
   env = dict(os.environ, JAX_PLATFORMS='cpu')
   result = subprocess.run(

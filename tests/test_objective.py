@@ -328,6 +328,7 @@ def test_matches_reference_without_prior(factors):
     check_against_reference(z1, z2, labels, None, epoch, cfg)
 
 
+@pytest.mark.slow
 def test_matches_reference_other_shapes():
   """Another batch shape (under jit: one compile instead of eager per-op compiles)."""
   cfg = obj_cfg(confidence='gini', seg_losses=('ce', 'dice', 'focal'))
@@ -541,6 +542,7 @@ def test_zero_weight_sum_gives_zero_term():
 # ==============================================================================================
 # 3. jit
 # ==============================================================================================
+@pytest.mark.slow
 def test_jit_matches_eager_and_traces_once():
   cfg = obj_cfg()
   z1, z2, labels, prior = make_inputs(seed=101)
@@ -585,6 +587,7 @@ def _grads(z1, z2, labels, prior, epoch, cfg):
   return jax.grad(f, argnums=(0, 1))(jnp.asarray(z1), jnp.asarray(z2))
 
 
+@pytest.mark.slow
 def test_gradients_finite_including_extreme_logits():
   cfg = obj_cfg(seg_losses=('ce', 'dice', 'focal'))
   z1, z2, labels, prior = make_inputs(seed=111)
@@ -600,6 +603,7 @@ def test_gradients_finite_including_extreme_logits():
       assert np.all(np.isfinite(np.asarray(g))), (epoch, kind)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('key', WEIGHT_KEYS)
 def test_weights_carry_no_gradient(key):
   cfg = obj_cfg()
@@ -750,6 +754,7 @@ def test_objective_entry_point_rejects_bad_config():
                           jnp.asarray(prior), 0, cfg)
 
 
+@pytest.mark.slow
 def test_keep_ratio_is_exact_at_the_end_of_the_ramp():
   """q = 0.2 at e = L must keep floor(5 * 0.2) = 1 pixel of a 5-pixel class, not 0.
 

@@ -122,6 +122,7 @@ def test_per_pixel_model_blends_to_the_untiled_map_everywhere(tmp_path):
   np.testing.assert_array_equal(_read(full)[0], _read(part)[0])
 
 
+@pytest.mark.slow
 def test_local_model_without_overlap_is_exact_away_from_window_edges(tmp_path):
   scene = _s2_scene(seed=1)
   scene[:, NODATA_BLOCK[0], NODATA_BLOCK[1]] = 7       # no nodata here: compare everywhere
@@ -192,6 +193,7 @@ def _transfer_workdir(root, scene, decoder='pspnet') -> str:
   return workdir
 
 
+@pytest.mark.slow
 def test_transfer_workdir_model_on_an_odd_sized_scene(tmp_path):
   scene = _s2_scene(seed=2)
   s2 = _write_tif(tmp_path / 's2.tif', scene)
@@ -253,6 +255,7 @@ def _pretrain_export(root) -> str:
   return os.path.dirname(path)
 
 
+@pytest.mark.slow
 def test_pretrain_export_with_both_sensors(tmp_path):
   height, width = 64, 96
   scene = _s2_scene(seed=3, height=height, width=width)

@@ -20,6 +20,7 @@ from cromss_jax.train import run_guard
 from helpers import complete_steps, flat, restore_step, toy_config, toy_task
 
 
+@pytest.mark.slow
 def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):
   train.train_and_evaluate(toy_config(num_epochs=1), str(tmp_path), toy_task(2))
   changed = toy_config(num_epochs=2)
@@ -40,6 +41,7 @@ def test_resume_with_another_config_is_refused_naming_the_keys(tmp_path):
   assert recorded['optimizer']['learning_rate'] == 3e-2
 
 
+@pytest.mark.slow
 def test_resume_on_another_data_stream_is_refused(tmp_path):
   """The checkpoint records the stream (Data.stream); the step alone would point elsewhere."""
   stream = {'train_locations': 100, 'seed': 42}
@@ -79,6 +81,7 @@ def test_two_runs_in_one_workdir_are_refused(tmp_path):
   assert complete_steps(tmp_path) == [2]
 
 
+@pytest.mark.slow
 def test_an_overflowing_update_is_refused_and_never_checkpointed(tmp_path):
   """A learning rate that overflows float32 makes every update infinite: each is refused, the
   state stays the initial (finite) one, and the stop message names a checkpoint that exists."""
@@ -96,6 +99,7 @@ def test_an_overflowing_update_is_refused_and_never_checkpointed(tmp_path):
   assert 'non-finite loss, gradient or update' in message
 
 
+@pytest.mark.slow
 def test_corrupted_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, caplog):
   caplog.set_level(logging.INFO)
   train.train_and_evaluate(toy_config(num_epochs=2), str(tmp_path), toy_task(2))

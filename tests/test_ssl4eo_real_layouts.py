@@ -246,6 +246,7 @@ def test_8bit_release_120px_stored_as_is(tmp_path):
   assert info.splits['train'].num_examples + info.splits['validation'].num_examples == 2 * 4
 
 
+@pytest.mark.slow
 def test_mismatches_are_reported_with_file_sizes_and_offsets(tmp_path):
   root = str(tmp_path / 'raw')
   rng = np.random.default_rng(5)
@@ -364,6 +365,7 @@ def test_s2_offset_option_and_metadata(tmp_path):
     np.testing.assert_array_equal(record['s2'][season, ..., 7], np.rint(want[..., 7]))
 
 
+@pytest.mark.slow
 def test_tfds_builder_reads_the_noldo_layout(tmp_path):
   """The Beam-capable builder (plain generator here) with a NoLDO CSV config: as the CLI."""
   root = str(tmp_path / 'raw')

@@ -134,6 +134,7 @@ def test_run_traces_the_step_once_and_writes_history_summaries_panels(shared):
 # ------------------------------------------------------------------------------------------------
 # 3. Non-finite steps (toy task) and in-process SIGTERM at exact steps
 # ------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_nan_batch_is_skipped_and_training_continues(tmp_path):
   yielded: list[int] = []
   state = train.train_and_evaluate(toy_config(num_epochs=5), str(tmp_path),
@@ -156,6 +157,7 @@ def test_nan_batch_is_skipped_and_training_continues(tmp_path):
   assert int(states[4]['nonfinite_streak']) == 0 and int(states[4]['nonfinite_total']) == 1
 
 
+@pytest.mark.slow
 def test_consecutive_nan_batches_stop_training_and_keep_last_good_checkpoint(tmp_path):
   yielded: list[int] = []
   with pytest.raises(train.TrainingError) as info:
@@ -183,6 +185,7 @@ def toy_reference(tmp_path_factory):
   return state, json.loads((workdir / 'history.json').read_text())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('signal_step', [2, 3], ids=['at-epoch-end', 'mid-epoch'])
 def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, signal_step):
   """SIGTERM while batch k is read (the loop reads it during step k-1, double buffering):

@@ -134,6 +134,7 @@ def test_decoder_output_shapes_and_variable_layout(decoder):
             == jax.tree.map(lambda a: a.shape, standalone[collection]))
 
 
+@pytest.mark.slow
 def test_decoder_parameter_counts_resnet50():
   """smp defaults (ResNet-50, 13 bands, 8 classes): trainable decoder parameters."""
   expected = {'pspnet': 825_224, 'deeplabv3plus': 3_171_352, 'fpn': 2_608_904,
@@ -187,6 +188,7 @@ def test_metrics_against_hand_computed_confusion():
   assert s['mf1'] == pytest.approx(100 * np.mean(f1s))
 
 
+@pytest.mark.slow
 def test_ignore_label_adds_nothing_to_loss_gradient_or_confusion():
   rng = np.random.default_rng(0)
   labels = rng.integers(0, NUM_CLASSES, (2, 8, 8))
@@ -260,6 +262,7 @@ def _changed(a, b) -> bool:
   return any(not np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('freeze', [True, False])
 def test_frozen_encoder_unchanged_decoder_trains(freeze):
   config = _config('unused', decoder='pspnet', freeze_encoder=freeze)
@@ -278,6 +281,7 @@ def test_frozen_encoder_unchanged_decoder_trains(freeze):
 # ----------------------------------------------------------------------------------------------
 # Pretrained encoders
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_exported_encoder_is_inserted_exactly_and_mismatches_are_refused(dfc_dir, tmp_path):
   path, exported = write_encoder_export(str(tmp_path))
   config = _config(dfc_dir, encoder_path=path, decoder='fpn')
@@ -314,6 +318,7 @@ def test_exported_encoder_is_inserted_exactly_and_mismatches_are_refused(dfc_dir
     transfer.validate_transfer_config(_config(dfc_dir, decoder='segformer'))
 
 
+@pytest.mark.slow
 def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monkeypatch):
   if importlib.util.find_spec('tensorboard') is None:
     # tf.summary.scalar needs TensorBoard, which tensorflow-cpu does not pull in.
