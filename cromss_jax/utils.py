@@ -13,6 +13,8 @@ import shutil
 import uuid
 from typing import Any, Iterator
 
+from etils import epath
+
 
 def _temporary_sibling(path: str) -> str:
   # Not mkstemp: its 0600 mode would stick to the result; this name is unique per process/call.
@@ -36,7 +38,10 @@ def atomic_output(path: str | os.PathLike) -> Iterator[str]:
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
-  """Atomically writes a UTF-8 text file."""
+  """Atomically writes a UTF-8 text file; a remote path (gs://...) in one write (no rename)."""
+  if '://' in os.fspath(path):
+    epath.Path(path).write_text(text)
+    return
   with atomic_output(path) as tmp:
     with open(tmp, 'w', encoding='utf-8', newline='') as f:
       f.write(text)

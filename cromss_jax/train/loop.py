@@ -6,7 +6,6 @@ step as a value derived from the step counter, so nothing recompiles across epoc
 """
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -34,7 +33,7 @@ from cromss_jax.train import step as step_lib
 from cromss_jax.train.state import TrainState
 from cromss_jax.train.task import Task
 
-with epy.lazy_imports():  # On first use (TensorBoard, remote workdirs): ~9 s of CPU to import.
+with epy.lazy_imports():  # On first use (TensorBoard summaries): ~9 s of CPU to import.
   import tensorflow as tf
 
 
@@ -104,12 +103,7 @@ def _write_summaries(writer, step: int, values: Mapping[str, float]) -> None:
 
 
 def _write_history(workdir: str, history: list[dict]) -> None:
-  path = os.path.join(workdir, 'history.json')
-  if '://' in workdir:  # gs:// and other remote file systems: tf.io.gfile (no rename there)
-    with tf.io.gfile.GFile(path, 'w') as f:
-      json.dump(history, f, indent=1)
-  else:
-    utils.write_json(path, history)
+  utils.write_json(os.path.join(workdir, 'history.json'), history)
 
 
 class Preempted(Exception):

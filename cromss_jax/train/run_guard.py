@@ -16,13 +16,9 @@ from typing import Any
 import jax
 import ml_collections
 from etils import epath
-from etils import epy
 
 from cromss_jax import cli
 from cromss_jax import utils
-
-with epy.lazy_imports():  # On first use (remote workdirs): ~9 s of CPU to import.
-  import tensorflow as tf
 
 CONFIG_FILE = 'config.json'
 LOCK_FILE = '.lock'
@@ -63,8 +59,9 @@ def check_and_record_config(workdir: str, config: ml_collections.ConfigDict, *,
   """Refuses a workdir started with another config; records this one (process 0)."""
   path = os.path.join(workdir, CONFIG_FILE)
   current = json.loads(config.to_json_best_effort())
-  if epath.Path(path).exists():   # epath: local paths without TensorFlow, gs:// with it
-    recorded = json.loads(epath.Path(path).read_text())
+  recorded_file = epath.Path(path)   # local paths without TensorFlow, gs:// with it
+  if recorded_file.exists():
+    recorded = json.loads(recorded_file.read_text())
     differences = config_differences(recorded, current)
     if differences and not allow_change:
       raise cli.UserError(
@@ -72,11 +69,7 @@ def check_and_record_config(workdir: str, config: ml_collections.ConfigDict, *,
           f'{"; ".join(differences)}. Use another --workdir, or pass --allow_config_change to '
           'resume this run with the new values.')
   if jax.process_index() == 0:
-    if '://' in workdir:
-      with tf.io.gfile.GFile(path, 'w') as f:
-        json.dump(current, f, indent=1, sort_keys=True)
-    else:
-      utils.write_json(path, current)
+    utils.write_json(path, current)
 
 
 class WorkdirLock:
