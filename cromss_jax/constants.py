@@ -1,4 +1,5 @@
-"""Sensor bands, normalisation statistics and class tables of docs/METHOD.md §2 (one place for all)."""
+"""Sensor bands, normalisation statistics and class tables of docs/METHOD.md §2, and the export
+formats (one place for all; numpy only, so command lines read them without JAX)."""
 from __future__ import annotations
 
 import numpy as np
@@ -92,3 +93,6 @@ def normalise_to_uint8(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tupl
   out = np.rint(value01 * 255.0).astype(np.uint8)
   out[~finite] = 0
   return out, int(np.count_nonzero(~finite))
+
+# Storage of exported variables (cromss_jax.exports): Orbax, or one safetensors file.
+EXPORT_FORMATS = ('orbax', 'safetensors')

@@ -37,7 +37,6 @@ from cromss_jax import models
 from cromss_jax import utils
 
 MODALITIES = ('s1', 's2')
-FORMATS = ('orbax', 'safetensors')
 SAFETENSORS_FILE = 'variables.safetensors'
 NORMALISATION = ('uint8 = round(clip((x - (mean - 2 std)) / (4 std), 0, 1) * 255); '
                  'the network input is uint8 / 255')
@@ -54,8 +53,9 @@ def band_metadata(modality: str, s2_bands: int) -> dict:
 
 
 def _check_format(fmt: str) -> None:
-  if fmt not in FORMATS:
-    raise ValueError(f'export format {fmt!r} is not supported; expected one of {FORMATS}.')
+  if fmt not in constants.EXPORT_FORMATS:
+    raise ValueError(f'export format {fmt!r} is not supported; expected one of '
+                     f'{constants.EXPORT_FORMATS}.')
 
 
 def _flat_names(tree: Mapping[str, Any]) -> dict[str, np.ndarray]:

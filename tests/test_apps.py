@@ -52,13 +52,3 @@ def test_study_command_parses_its_flags():
   assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
   assert lines[-1].startswith('error: flag --seeds=abc:'), proc.stderr[-3000:]
 
-
-@pytest.mark.parametrize('module', ['cromss_jax.export', 'cromss_jax.import_weights'])
-def test_format_flag_offers_the_library_formats(module):
-  """--format is spelled out in the apps (their --help needs no JAX): it must offer exactly
-  exports.FORMATS."""
-  from cromss_jax import exports  # pylint: disable=g-import-not-at-top
-  proc = subprocess.run([sys.executable, '-m', module, '--format=bogus'], cwd=REPO,
-                        capture_output=True, text=True, timeout=300, check=False)
-  assert proc.returncode == 1 and 'Traceback' not in proc.stderr, proc.stderr[-3000:]
-  assert f'<{"|".join(exports.FORMATS)}>' in proc.stderr.strip().splitlines()[-1], proc.stderr

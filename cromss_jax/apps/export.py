@@ -12,12 +12,11 @@ from typing import Sequence
 from absl import flags
 
 from cromss_jax import cli
+from cromss_jax import constants
 
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Pretraining workdir (with checkpoints/).')
 _OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
-# exports.FORMATS, written out so that --help and flag mistakes answer without importing JAX
-# (~2 s); the library checks the value against exports.FORMATS.
-_FORMAT = flags.DEFINE_enum('format', 'orbax', ['orbax', 'safetensors'],
+_FORMAT = flags.DEFINE_enum('format', 'orbax', list(constants.EXPORT_FORMATS),
                             'Storage of the variables: orbax or safetensors.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export directory.')
 

@@ -20,14 +20,13 @@ from typing import Sequence
 from absl import flags
 
 from cromss_jax import cli
+from cromss_jax import constants
 
 _CHECKPOINT = flags.DEFINE_string('checkpoint', None, 'PyTorch checkpoint (.ckpt, .pth, .pt).')
 _OUT = flags.DEFINE_string('out', None, 'Export directory to write.')
 _PREFIX = flags.DEFINE_string('prefix', None, 'Key prefix of the ResNet to take, e.g. '
                               '"module.encoder_q." (default: found from the keys).')
-# exports.FORMATS, written out so that --help and flag mistakes answer without importing JAX
-# (~2 s); the library checks the value against exports.FORMATS.
-_FORMAT = flags.DEFINE_enum('format', 'orbax', ['orbax', 'safetensors'],
+_FORMAT = flags.DEFINE_enum('format', 'orbax', list(constants.EXPORT_FORMATS),
                             'Storage of the variables: orbax or safetensors.')
 _OVERWRITE = flags.DEFINE_bool('overwrite', False, 'Replace an existing export directory.')
 
