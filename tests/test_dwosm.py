@@ -25,7 +25,7 @@ import tensorflow_datasets as tfds
 from configs import transfer_dw
 from configs import transfer_osm
 from cromss_jax.models import ResNetEncoder
-from helpers import S1_STATS, S2_MEAN, S2_STD
+from helpers import S1_STATS, S2_MEAN, S2_STD, jit_init
 from cromss_jax.tasks import transfer
 from data_prep import ssl4eo_dwosm
 
@@ -242,7 +242,7 @@ def test_configs_follow_the_paper():
 
 def _write_encoder_export(folder: Path) -> str:
   """A ResNet-18 S2 encoder in the export format (Orbax tree + JSON metadata)."""
-  variables = jax.jit(lambda: ResNetEncoder(depth=18).init(
+  variables = jit_init(lambda: ResNetEncoder(depth=18).init(
       jax.random.PRNGKey(1), jnp.zeros((1, 64, 64, 13)), train=False))()
   path = folder / 'encoder_s2'
   with ocp.StandardCheckpointer() as checkpointer:

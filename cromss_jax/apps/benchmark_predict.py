@@ -67,7 +67,8 @@ def _network(name: str):
     config.model.compute_dtype = 'float32'
     model = decoders.build_transfer_model(config)
     variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 13)),
-                                           train=False))()
+                                           train=False),
+                        compiler_options=models.init_compiler_options(jax.default_backend()))()
     apply = jax.jit(lambda v, s2: jax.nn.softmax(model.apply(v, models.unit_float(s2),
                                                              train=False), -1))
     probs_fn = lambda inputs: apply(variables, inputs['s2'])

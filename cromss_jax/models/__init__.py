@@ -4,6 +4,7 @@ from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretr
 from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels
 from cromss_jax.models.unet import UNetDecoder
 from cromss_jax.models.inputs import unit_float
+from cromss_jax.models.init_options import init_compiler_options
 
 __all__ = [
     'LateFusionUNet',
@@ -14,6 +15,7 @@ __all__ = [
     'compute_dtype',
     'encoder_depth',
     'extract_encoder',
+    'init_compiler_options',
     'insert_encoder',
     'pyramid_channels',
     'unit_float',

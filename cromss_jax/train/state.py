@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from cromss_jax import models
 from cromss_jax import sharding
 from cromss_jax.train.task import Learner
 
@@ -38,9 +39,7 @@ def _state_factory(learner: Learner, config: ml_collections.ConfigDict, tx, plat
   return make, jax.random.PRNGKey(config.seed)
 
 
-def abstract_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
-  """(shape/dtype/sharding tree of the state, shardings), without computing anything."""
-  make, rng = _state_factory(learner, config, tx, plateau_tx)
+def _abstract(make, rng: jax.Array, mesh):
   shapes = jax.eval_shape(make, rng)
   shardings = sharding.state_shardings(mesh, shapes)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
@@ -48,8 +47,16 @@ def abstract_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx
   return abstract, shardings
 
 
+def abstract_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
+  """(shape/dtype/sharding tree of the state, shardings), without computing anything."""
+  make, rng = _state_factory(learner, config, tx, plateau_tx)
+  return _abstract(make, rng, mesh)
+
+
 def init_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
   """The initial state, created directly with its shardings (no host-side copy)."""
   make, rng = _state_factory(learner, config, tx, plateau_tx)
-  _, shardings = abstract_state(learner, config, mesh, tx, plateau_tx)
-  return jax.jit(make, out_shardings=shardings)(rng), shardings
+  _, shardings = _abstract(make, rng, mesh)   # the same `make`: jit reuses this trace
+  options = models.init_compiler_options(mesh.devices.flat[0].platform)
+  init = jax.jit(make, out_shardings=shardings, compiler_options=options)
+  return init(rng), shardings

@@ -45,14 +45,11 @@ def name(entry):
   return str(entry)
 
 # train.init_state's values (computed by the test from the same seed), placed with its
-# shardings: saves compiling the init program (~25 CPU-s) in each process.
+# shardings: saves compiling the init program in each process.
 initial = np.load(init_path)
-original_init_state = state_lib.init_state
 
 def init_state_from_host(learner, config, mesh, tx, plateau_tx):
-  abstract = jax.eval_shape(
-      lambda: original_init_state(learner, config, mesh, tx, plateau_tx)[0])
-  shardings = sharding.state_shardings(mesh, abstract)
+  abstract, shardings = state_lib.abstract_state(learner, config, mesh, tx, plateau_tx)
   paths, treedef = jax.tree_util.tree_flatten_with_path(abstract)
   leaves = [jax.make_array_from_process_local_data(
                 s, initial['/'.join(name(e) for e in path)])
