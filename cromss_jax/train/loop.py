@@ -187,6 +187,10 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
                                      tx=tx)
   eval_step = jax.jit(task.evaluation.eval_fn, out_shardings=sharding.replicated(mesh))
   plateau_update = jax.jit(lambda p, v: plateau_tx.update({}, p, value=v)[1])
+  # One program for the check before each save (eagerly it would be two per array shape).
+  state_is_finite = jax.jit(
+      lambda s: step_lib.all_finite((s.params, s.batch_stats, s.opt_state)),
+      out_shardings=sharding.replicated(mesh))
 
   writer = (tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
             if is_main else None)
@@ -200,8 +204,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
     return f'The last good checkpoint (step {latest}) is in {manager.directory}'
 
   def save(step: int) -> None:
-    if not bool(jax.device_get(step_lib.all_finite(
-        (state.params, state.batch_stats, state.opt_state)))):
+    if not bool(jax.device_get(state_is_finite(state))):
       raise TrainingError(f'The state at step {step} holds non-finite values and was not saved. '
                           f'{last_checkpoint()}. Lower the learning rate or check the data.')
     checkpointing.save(manager, step, state,
