@@ -27,9 +27,10 @@ demo: venv
 	$(PY) -m cromss_jax.demo --out $(DEMO_DIR)
 
 # The whole suite, in two processes (TEST_WORKERS=1 for one; the two shared-run modules stay on
-# one worker, see tests/pretrain_run.py).
+# one worker, see tests/pretrain_run.py). Work goes out in collection order, which
+# tests/conftest.py starts with the longest tests.
 TEST_WORKERS ?= 2
-XDIST := -n $(TEST_WORKERS) --dist loadgroup
+XDIST := -n $(TEST_WORKERS) --dist loadgroup --no-loadscope-reorder
 
 test: venv-test
 	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS) tests

@@ -33,11 +33,26 @@ def _kill_leftovers():
 _SHARED_RUN_FIXTURES = frozenset({'shared', 'exported'})
 
 
+# The longest units of work (an xdist group stays on one worker), longest first. `make test`
+# hands units to the two workers in collection order (--no-loadscope-reorder), so these start
+# at once and the short tests fill in around them; last in line, the study alone kept one
+# worker busy for minutes after the other had finished.
+_START_FIRST = ('@pretrain_run', 'test_study.py::test_tiny_study', '@resnet18_step',
+                '@test_models', '@test_dwosm', '@test_convert_runner')
+
+
+def _start_rank(item) -> int:
+  nodeid = item.nodeid + _xdist_group_suffix(item)
+  return next((rank for rank, part in enumerate(_START_FIRST) if part in nodeid),
+              len(_START_FIRST))
+
+
 def pytest_collection_modifyitems(config, items):
   for item in items:
     if _SHARED_RUN_FIXTURES.intersection(getattr(item, 'fixturenames', ())):
       item.add_marker(pytest.mark.slow)
   _restore_xdist_groups(config, items)
+  items.sort(key=_start_rank)   # stable: the order within a unit is kept
 
 
 def _xdist_group_suffix(item) -> str:
