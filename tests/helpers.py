@@ -20,7 +20,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from configs import pretrain as pretrain_config
-from cromss_jax import models
 from cromss_jax import train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,14 +33,6 @@ S2_MEAN = np.array([1605.57504906, 1390.78157673, 1314.8729939, 1363.52445545, 1
 S2_STD = np.array([786.78685367, 850.34818441, 875.06484736, 1138.84957046, 1122.17775652,
                    1161.59187054, 1274.39184232, 1248.42891965, 1345.52684884, 577.31607053,
                    51.15431158, 1336.09932639, 1136.53823676])
-
-
-def jit_init(fn, **jit_kwargs):
-  """jax.jit for a function that initialises a model, with the options train.init_state
-  compiles its init program with (models.init_compiler_options: much quicker on CPU)."""
-  return jax.jit(fn, compiler_options=models.init_compiler_options(jax.default_backend()),
-                 **jit_kwargs)
-
 
 # Hang guard for every subprocess: generous for a cold compile on a slow 2-core machine.
 PROCESS_TIMEOUT_S = 420

@@ -24,8 +24,8 @@ import tensorflow_datasets as tfds
 
 from configs import transfer_dw
 from configs import transfer_osm
-from cromss_jax.models import ResNetEncoder
-from helpers import S1_STATS, S2_MEAN, S2_STD, jit_init
+from cromss_jax.models import ResNetEncoder, jit_init
+from helpers import S1_STATS, S2_MEAN, S2_STD
 from cromss_jax.tasks import transfer
 from data_prep import ssl4eo_dwosm
 

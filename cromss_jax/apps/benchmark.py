@@ -150,19 +150,43 @@ def _pipeline_feed(config, mesh) -> _PipelineFeed:
   return _PipelineFeed(input_pipeline.create_pretrain_iterator(config, 'train'), mesh)
 
 
+# The LR schedule's length in the benchmarked step (the step's cost does not depend on it).
+SCHEDULE_STEPS = 1000
+
+
+def step_config(encoder: str, fusion: str, dtype: str, s2_bands: int, size: int,
+                batch: int) -> Any:
+  """The paper's pretraining config at the benchmark's settings (what `step` compiles)."""
+  from configs import pretrain  # pylint: disable=g-import-not-at-top
+  config = pretrain.get_config()
+  config.model.encoder = encoder
+  config.model.fusion = fusion
+  config.model.compute_dtype = 'bfloat16' if dtype == 'bf16' else 'float32'
+  config.data.s2_bands = s2_bands
+  config.data.crop_size = size
+  config.training.global_batch_size = batch
+  return config
+
+
+def synthetic_host_batch(rng: np.random.Generator, batch: int, tile: int,
+                         s2_bands: int) -> dict[str, np.ndarray]:
+  """Random whole tiles as the pretraining pipeline gives them (the step crops out of them)."""
+  return {
+      's1': rng.integers(0, 256, (batch, tile, tile, 2), dtype=np.uint8),
+      's2': rng.integers(0, 256, (batch, tile, tile, s2_bands), dtype=np.uint8),
+      'labels': rng.integers(0, 9, (batch, tile, tile)).astype(np.uint8),
+      'season_labels': rng.integers(0, 9, (batch, 4, tile, tile)).astype(np.uint8),
+      'season': rng.integers(0, 4, (batch,)).astype(np.int32),
+  }
+
+
 def benchmark_step() -> dict:
   """Compile time, step time, images/s, MFU and memory of the full pretraining step."""
-  from configs import pretrain
   from cromss_jax import sharding, train
   from cromss_jax.tasks import pretrain as pretrain_task
 
-  config = pretrain.get_config()
-  config.model.encoder = FLAGS.encoder
-  config.model.fusion = FLAGS.fusion
-  config.model.compute_dtype = 'bfloat16' if FLAGS.dtype == 'bf16' else 'float32'
-  config.data.s2_bands = FLAGS.s2_bands
-  config.data.crop_size = FLAGS.size
-  config.training.global_batch_size = FLAGS.batch
+  config = step_config(FLAGS.encoder, FLAGS.fusion, FLAGS.dtype, FLAGS.s2_bands, FLAGS.size,
+                       FLAGS.batch)
   size, batch = FLAGS.size, FLAGS.batch
   torch_step = None
   if FLAGS.compare_torch:  # first: a missing torch is reported before the long compile
@@ -179,20 +203,14 @@ def benchmark_step() -> dict:
 
   feed = _pipeline_feed(config, mesh) if FLAGS.feed == 'pipeline' else None
   if feed is None:
-    tile = FLAGS.tile or size
-    rng = np.random.default_rng(0)
-    host_batch = {   # whole tiles as the pipeline gives them; the step crops `size` out
-        's1': rng.integers(0, 256, (batch, tile, tile, 2), dtype=np.uint8),
-        's2': rng.integers(0, 256, (batch, tile, tile, FLAGS.s2_bands), dtype=np.uint8),
-        'labels': rng.integers(0, 9, (batch, tile, tile)).astype(np.uint8),
-        'season_labels': rng.integers(0, 9, (batch, 4, tile, tile)).astype(np.uint8),
-        'season': rng.integers(0, 4, (batch,)).astype(np.int32),
-    }
+    host_batch = synthetic_host_batch(np.random.default_rng(0), batch, FLAGS.tile or size,
+                                      FLAGS.s2_bands)
     batch_arrays = jax.device_put(host_batch, sharding.batch_sharding(mesh))
   else:
     batch_arrays = feed.next_batch()
-  step_fn = train.make_train_step(learner, config, mesh, state_sh, steps_per_epoch=1000,
-                                  total_steps=1000, tx=tx)
+  step_fn = train.make_train_step(learner, config, mesh, state_sh,
+                                  steps_per_epoch=SCHEDULE_STEPS, total_steps=SCHEDULE_STEPS,
+                                  tx=tx)
 
   t0 = time.perf_counter()
   compiled = step_fn.lower(state, batch_arrays).compile()

@@ -66,9 +66,8 @@ def _network(name: str):
     config.model.encoder = 'resnet18'
     config.model.compute_dtype = 'float32'
     model = decoders.build_transfer_model(config)
-    variables = jax.jit(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 64, 64, 13)),
-                                           train=False),
-                        compiler_options=models.init_compiler_options(jax.default_backend()))()
+    variables = models.jit_init(lambda: model.init(jax.random.PRNGKey(0),
+                                                   jnp.zeros((1, 64, 64, 13)), train=False))()
     apply = jax.jit(lambda v, s2: jax.nn.softmax(model.apply(v, models.unit_float(s2),
                                                              train=False), -1))
     probs_fn = lambda inputs: apply(variables, inputs['s2'])

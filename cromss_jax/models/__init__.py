@@ -4,7 +4,7 @@ from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretr
 from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels
 from cromss_jax.models.unet import UNetDecoder
 from cromss_jax.models.inputs import unit_float
-from cromss_jax.models.init_options import init_compiler_options
+from cromss_jax.models.init_options import init_compiler_options, jit_init
 
 __all__ = [
     'LateFusionUNet',
@@ -17,6 +17,7 @@ __all__ = [
     'extract_encoder',
     'init_compiler_options',
     'insert_encoder',
+    'jit_init',
     'pyramid_channels',
     'unit_float',
 ]

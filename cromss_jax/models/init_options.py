@@ -1,7 +1,9 @@
 """How a model's init program is compiled (the one program that draws the parameters)."""
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
+
+import jax
 
 
 def init_compiler_options(platform: str) -> dict[str, Any] | None:
@@ -16,3 +18,9 @@ def init_compiler_options(platform: str) -> dict[str, Any] | None:
   if platform == 'cpu':
     return {'xla_backend_optimization_level': 0}
   return None
+
+
+def jit_init(fn: Callable[..., Any], platform: str | None = None, **jit_kwargs) -> Any:
+  """jax.jit of a function that initialises a model, compiled with init_compiler_options."""
+  options = init_compiler_options(platform or jax.default_backend())
+  return jax.jit(fn, compiler_options=options, **jit_kwargs)

@@ -57,6 +57,5 @@ def init_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, pl
   """The initial state, created directly with its shardings (no host-side copy)."""
   make, rng = _state_factory(learner, config, tx, plateau_tx)
   _, shardings = _abstract(make, rng, mesh)   # the same `make`: jit reuses this trace
-  options = models.init_compiler_options(mesh.devices.flat[0].platform)
-  init = jax.jit(make, out_shardings=shardings, compiler_options=options)
+  init = models.jit_init(make, mesh.devices.flat[0].platform, out_shardings=shardings)
   return init(rng), shardings

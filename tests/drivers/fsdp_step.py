@@ -4,9 +4,9 @@
   fsdp_step.py fsdp REF.npz     4 devices (--xla_force_host_platform_device_count=4), mesh
                                 data=2 x fsdp=2: compared with REF.npz, printed as JSON
 
-The single-device run is a process of its own, built exactly like `python -m
-cromss_jax.benchmark step --encoder resnet18 --batch 4 --size 32 --dtype f32` (the default
-config with those settings, whole 32 px uint8 tiles, a 1000-step schedule): its init and step
+The single-device run is a process of its own, built with the benchmark's own config, batch
+and schedule (`python -m cromss_jax.benchmark step --encoder resnet18 --batch 4 --size 32
+--dtype f32`: `benchmark.step_config`, `synthetic_host_batch`, `SCHEDULE_STEPS`): its init and step
 programs are then the ones tests/test_benchmark.py compiles, and on the same xdist worker after
 it (xdist_group 'resnet18_step') they load from the persistent compilation cache instead of
 compiling again (~60 s on 2 cores). In a process that simulates 4 devices the cache key differs
@@ -21,35 +21,27 @@ import numpy as np
 
 from configs import pretrain
 from cromss_jax import sharding, train
+from cromss_jax.apps import benchmark
 from cromss_jax.tasks import pretrain as pretrain_task
 from cromss_jax.config_validation import ConfigError, validate_mesh
 
-SIZE, BATCH, STEPS = 32, 4, 1000   # keep in step with tests/test_benchmark.py (BENCH_STEP)
+SIZE, BATCH = 32, 4   # keep in step with tests/test_benchmark.py (BENCH_STEP)
 
 
 def run(data, fsdp, devices):
-  cfg = pretrain.get_config()
-  cfg.model.encoder = 'resnet18'
-  cfg.model.fusion = 'mid'
-  cfg.model.compute_dtype = 'float32'
-  cfg.data.s2_bands = 13
-  cfg.data.crop_size = SIZE
-  cfg.training.global_batch_size = BATCH
+  cfg = benchmark.step_config('resnet18', 'mid', 'f32', 13, SIZE, BATCH)
   cfg.mesh.data, cfg.mesh.fsdp = data, fsdp
   learner = pretrain_task.create_pretrain_learner(cfg)
   mesh = sharding.create_mesh(cfg, devices)
   tx = train.create_optimizer(cfg.optimizer)
   state, shardings = train.init_state(learner, cfg, mesh, tx, train.create_plateau(cfg))
-  step = train.make_train_step(learner, cfg, mesh, shardings, steps_per_epoch=STEPS,
-                               total_steps=STEPS, tx=tx)
+  step = train.make_train_step(learner, cfg, mesh, shardings,
+                               steps_per_epoch=benchmark.SCHEDULE_STEPS,
+                               total_steps=benchmark.SCHEDULE_STEPS, tx=tx)
   rng = np.random.default_rng(0)
   losses, after_first = [], None
   for _ in range(2):
-    host = {'s1': rng.integers(0, 256, (BATCH, SIZE, SIZE, 2), dtype=np.uint8),
-            's2': rng.integers(0, 256, (BATCH, SIZE, SIZE, 13), dtype=np.uint8),
-            'labels': rng.integers(0, 9, (BATCH, SIZE, SIZE)).astype(np.uint8),
-            'season_labels': rng.integers(0, 9, (BATCH, 4, SIZE, SIZE)).astype(np.uint8),
-            'season': rng.integers(0, 4, (BATCH,)).astype(np.int32)}
+    host = benchmark.synthetic_host_batch(rng, BATCH, SIZE, 13)
     state, metrics = step(state, sharding.host_batch_to_global(host, mesh))
     losses.append(float(metrics['loss']))
     if after_first is None:
