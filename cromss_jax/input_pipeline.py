@@ -47,6 +47,7 @@ from typing import Any, Callable, Iterator
 
 from absl import flags
 from absl import logging
+from etils import epath
 from etils import epy
 import ml_collections
 import numpy as np
@@ -153,15 +154,16 @@ def _find_dataset_dir(dataset_dir: str, kind: _DatasetKind) -> str:
         f'config.data.dataset_dir is not set. Point it at the {kind.name} TFDS folder written '
         f'by `{kind.command}` (e.g. --config.data.dataset_dir=/data/{kind.name}/1.0.0).')
   path = os.path.expanduser(dataset_dir)
-  if not tf.io.gfile.isdir(path):
+  folder = epath.Path(path)   # local or gs://, without importing TensorFlow
+  if not folder.is_dir():
     raise FileNotFoundError(
         f'Dataset folder {path!r} (config.data.dataset_dir) does not exist. Create it with '
         f'`{kind.command}` or point config.data.dataset_dir at the folder it wrote.')
-  if tf.io.gfile.exists(os.path.join(path, 'dataset_info.json')):
+  if (folder / 'dataset_info.json').exists():
     return path
   candidates = []
   for pattern in ('*/dataset_info.json', '*/*/dataset_info.json'):
-    candidates += tf.io.gfile.glob(os.path.join(path, pattern))
+    candidates += [os.fspath(p) for p in folder.glob(pattern)]
   if not candidates:
     raise FileNotFoundError(
         f'{path!r} (config.data.dataset_dir) holds no dataset_info.json (nor does any version '

@@ -693,10 +693,11 @@ def _shard_writer(path: str, file_format: str) -> Iterator[Callable[[bytes], Non
 def _serialize(features: Any, record: dict[str, Any]) -> bytes:
   """TFDS serialisation of one record, re-serialised with sorted map keys: bytes independent of
   the process's hash seed, so a resumed shard is identical to the one an uninterrupted run
-  writes."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
+  writes. TFDS's own copy of the tf.train.Example proto: the array_record conversions never
+  import TensorFlow (~9 s of CPU per worker)."""
+  from tensorflow_datasets.proto import tf_example_pb2  # pylint: disable=g-import-not-at-top
 
-  return (tf.train.Example.FromString(features.serialize_example(record))
+  return (tf_example_pb2.Example.FromString(features.serialize_example(record))
           .SerializeToString(deterministic=True))
 
 

@@ -351,7 +351,7 @@ def toy_task(steps_per_epoch: int, nan_steps=(), sigterm_before=(), yielded=None
       name='toy',
       learner=train.Learner(
           model=model, init_batch=lambda: {'x': np.zeros((1, 8, 8, 2), np.float32)},
-          apply_init=lambda module, rng, batch: module.init(rng, batch['x'], train=False),
+          apply_init=lambda module, rng, batch, _: module.init(rng, batch['x'], train=False),
           loss_fn=loss_fn),
       data=train.Data(train_iterator=train_iterator, steps_per_epoch=steps_per_epoch,
                       global_batch_size=4, stream=stream or {}),

@@ -336,7 +336,7 @@ def test_loss_augments_whole_tiles_from_the_step_key():
   config.data.s2_bands = 3
   learner = pretrain.create_pretrain_learner(config)
   variables = jax.eval_shape(lambda: learner.apply_init(learner.model, jax.random.PRNGKey(0),
-                                                        learner.init_batch()))
+                                                        learner.init_batch(), None))
   tiles = dict(batch, s2=batch['s2'][..., :3])
   loss_shape = jax.eval_shape(learner.loss_fn, variables['params'], variables['batch_stats'],
                               tiles, epoch, rng)[0]

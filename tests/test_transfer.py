@@ -3,7 +3,6 @@
 Tiny everywhere (ResNet-18, 64x64 patches, batch 2) so the file runs in well under a minute on
 two CPU cores; shapes that need no numbers are checked with jax.eval_shape.
 """
-import importlib.util
 import json
 import os
 import subprocess
@@ -24,6 +23,8 @@ from cromss_jax import losses
 from cromss_jax import checkpointing
 from cromss_jax import exports
 from cromss_jax import metrics as metrics_lib
+from cromss_jax import models
+from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax.tasks import transfer
 from cromss_jax.models import ResNetEncoder
@@ -319,10 +320,41 @@ def test_exported_encoder_is_inserted_exactly_and_mismatches_are_refused(dfc_dir
 
 
 @pytest.mark.slow
-def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path, monkeypatch):
-  if importlib.util.find_spec('tensorboard') is None:
-    # tf.summary.scalar needs TensorBoard, which tensorflow-cpu does not pull in.
-    monkeypatch.setattr(train, '_write_summaries', lambda *args, **kwargs: None)
+def test_pretrained_encoder_is_an_argument_of_the_init_program(dfc_dir, tmp_path, monkeypatch):
+  """Two exports with other numbers: one init program (the encoder is not compiled in as
+  constants, so every transfer of these shapes shares one compiled init), and each initial
+  state holds its own export exactly."""
+  programs = []
+  jit_init = models.jit_init
+
+  def recording_jit_init(fn, platform=None, **jit_kwargs):
+    jitted = jit_init(fn, platform, **jit_kwargs)
+
+    def call(*args):
+      programs.append(jitted.lower(*args).as_text())
+      return jitted(*args)
+    return call
+
+  monkeypatch.setattr(models, 'jit_init', recording_jit_init)
+  for seed in (1, 2):
+    path, exported = write_encoder_export(str(tmp_path / str(seed)), seed=seed)
+    config = _config(dfc_dir, encoder_path=path, freeze_encoder=False)
+    learner = transfer.create_transfer_task(config).learner
+    state, _ = train.init_state(learner, config, sharding.create_mesh(config),
+                                train.create_optimizer(config.optimizer, learner.trainable),
+                                train.create_plateau(config))
+    for collection, tree in (('params', state.params), ('batch_stats', state.batch_stats)):
+      expected = flax.traverse_util.flatten_dict(exported[collection])
+      actual = flax.traverse_util.flatten_dict(jax.device_get(tree['encoder']))
+      assert actual.keys() == expected.keys()
+      for key, value in expected.items():
+        np.testing.assert_array_equal(actual[key], value, err_msg=f'{seed} {key}')
+  assert len(programs) == 2
+  assert programs[0] == programs[1]
+
+
+@pytest.mark.slow
+def test_run_writes_reports_and_evaluate_reproduces_them(dfc_dir, tmp_path):
   path, exported = write_encoder_export(str(tmp_path))
   workdir = str(tmp_path / 'run')
   config = _config(dfc_dir, encoder_path=path, decoder='pspnet', freeze_encoder=True)

@@ -354,10 +354,6 @@ def _generate_raw(root: str, locations: int) -> str:
 
 def _convert_raw(raw: str, out: str) -> dict:
   """data_prep.ssl4eo on generated data, as a user would run it; returns its summary."""
-  # The converter serialises with TensorFlow; a GPU build of it must leave the accelerators to
-  # JAX. Only here: the other modes never import TensorFlow (~9 s of CPU at start-up).
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')
   from data_prep import ssl4eo  # pylint: disable=g-import-not-at-top
   root = os.path.join(raw, 'ssl4eo')
   argv = ['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2c'),

@@ -59,11 +59,12 @@ def initialise_distributed() -> None:
 def main(argv: Sequence[str]) -> None:
   cli.check_command_line(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
   logs.quiet_libraries()
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  tf.config.set_visible_devices([], 'GPU')  # tf.data only: keep accelerators for JAX
+  config = _CONFIG.value
+  if 'transfer' in config:  # tf.data reads the downstream records; pretraining runs without TF
+    import tensorflow as tf  # pylint: disable=g-import-not-at-top
+    tf.config.set_visible_devices([], 'GPU')  # keep the accelerators for JAX
   initialise_distributed()
   from cromss_jax import train  # pylint: disable=g-import-not-at-top
-  config = _CONFIG.value
   try:
     if 'transfer' in config:
       from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top

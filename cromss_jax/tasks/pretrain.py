@@ -127,7 +127,8 @@ def create_pretrain_learner(config: ml_collections.ConfigDict) -> Learner:
     return {'s1': np.zeros((1, crop, crop, config.model.s1_channels), np.uint8),
             's2': np.zeros((1, crop, crop, config.data.s2_bands), np.uint8)}
 
-  def apply_init(module, rng, batch):
+  def apply_init(module, rng, batch, inputs):
+    del inputs  # none: every variable is drawn
     return module.init(rng, models.unit_float(batch['s1']), models.unit_float(batch['s2']),
                        train=False)
 

@@ -9,8 +9,9 @@ split from one confusion matrix. After training the final model is scored once m
 metrics.json, metrics.md and confusion_matrix.png are written to the workdir
 (`evaluate_workdir` does the same for any saved checkpoint).
 
-The pretrained encoder enters the variables in the task's `apply_init`, i.e. only in the
-freshly initialised state; a resumed run overwrites that state with its checkpoint.
+The pretrained encoder enters the variables in the task's `apply_init`, as an argument of the
+init program (not compiled in), i.e. only in the freshly initialised state; a resumed run
+overwrites that state with its checkpoint.
 """
 from __future__ import annotations
 
@@ -178,11 +179,11 @@ def create_transfer_task(config: ml_collections.ConfigDict) -> train.Task:
   def init_batch() -> dict[str, np.ndarray]:
     return {modality: np.zeros((1, crop, crop, channels), np.uint8)}
 
-  def apply_init(module, rng, batch):
+  def apply_init(module, rng, batch, pretrained_encoder):
     variables = module.init({'params': rng}, models.unit_float(batch[modality]), train=False)
     variables = {k: dict(v) for k, v in variables.items()}
-    if pretrained is not None:
-      variables = insert_pretrained_encoder(variables, pretrained)
+    if pretrained_encoder is not None:
+      variables = insert_pretrained_encoder(variables, pretrained_encoder)
     return variables
 
   def batches(split: str, train_mode: bool, start: int = 0) -> Iterator[dict[str, np.ndarray]]:
@@ -193,7 +194,7 @@ def create_transfer_task(config: ml_collections.ConfigDict) -> train.Task:
   return train.Task(
       name='transfer',
       learner=train.Learner(model=model, init_batch=init_batch, apply_init=apply_init,
-                            loss_fn=make_loss_fn(model, config),
+                            init_inputs=lambda: pretrained, loss_fn=make_loss_fn(model, config),
                             trainable=trainable_fn(config)),
       data=train.Data(train_iterator=lambda start: batches(data.train_split, True, start),
                       steps_per_epoch=info.steps_per_epoch,

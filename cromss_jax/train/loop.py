@@ -6,6 +6,7 @@ step as a value derived from the step counter, so nothing recompiles across epoc
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -18,7 +19,6 @@ import ml_collections
 import numpy as np
 from absl import logging
 from etils import epath
-from etils import epy
 from jax.experimental import multihost_utils
 
 from cromss_jax import checkpointing
@@ -30,11 +30,9 @@ from cromss_jax.train import optimizer as optimizer_lib
 from cromss_jax.train import run_guard
 from cromss_jax.train import state as state_lib
 from cromss_jax.train import step as step_lib
+from cromss_jax.train import summaries
 from cromss_jax.train.state import TrainState
 from cromss_jax.train.task import Task
-
-with epy.lazy_imports():  # On first use (TensorBoard summaries): ~9 s of CPU to import.
-  import tensorflow as tf
 
 
 class TrainingError(cli.UserError):
@@ -93,13 +91,10 @@ def _evaluate(task: Task, eval_step, state: TrainState, mesh) -> tuple[dict, dic
   return evaluation.summarise(totals), first_batch
 
 
-def _write_summaries(writer, step: int, values: Mapping[str, float]) -> None:
-  if writer is None:
-    return
-  with writer.as_default(step=step):
-    for key, value in values.items():
-      tf.summary.scalar(key, value)
-  writer.flush()
+def _write_summaries(writer: summaries.ScalarWriter | None, step: int,
+                     values: Mapping[str, float]) -> None:
+  if writer is not None:
+    writer.write_scalars(step, values)
 
 
 def _write_history(workdir: str, history: list[dict]) -> None:
@@ -127,9 +122,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Ta
   """
   validate_mesh(config, jax.device_count())
   epath.Path(workdir).mkdir(parents=True, exist_ok=True)
-  with run_guard.WorkdirLock(workdir), _StopFlag() as stop:
+  # Process 0 alone writes the TensorBoard summaries.
+  writer = (summaries.ScalarWriter(os.path.join(workdir, 'tensorboard'))
+            if jax.process_index() == 0 else None)
+  with run_guard.WorkdirLock(workdir), _StopFlag() as stop, \
+      contextlib.nullcontext() if writer is None else writer:
     run_guard.check_and_record_config(workdir, config, allow_change=allow_config_change)
-    return _train_and_evaluate(config, workdir, task, stop, allow_config_change)
+    return _train_and_evaluate(config, workdir, task, stop, writer, allow_config_change)
 
 
 def _check_stream(recorded: Mapping | None, stream: Mapping, step: int, allow_change: bool
@@ -150,7 +149,8 @@ def _check_stream(recorded: Mapping | None, stream: Mapping, step: int, allow_ch
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: Task,
-                        stop: _StopFlag, allow_config_change: bool = False) -> TrainState:
+                        stop: _StopFlag, writer: summaries.ScalarWriter | None,
+                        allow_config_change: bool = False) -> TrainState:
   learner, data = task.learner, task.data
   mesh = sharding.create_mesh(config)
   steps_per_epoch = data.steps_per_epoch
@@ -192,8 +192,6 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
       lambda s: step_lib.all_finite((s.params, s.batch_stats, s.opt_state)),
       out_shardings=sharding.replicated(mesh))
 
-  writer = (tf.summary.create_file_writer(os.path.join(workdir, 'tensorboard'))
-            if is_main else None)
   log_every = config.training.log_every_steps
   max_nonfinite = config.training.max_consecutive_nonfinite
 

@@ -27,20 +27,21 @@ class TrainState:
 
 
 def _state_factory(learner: Learner, config: ml_collections.ConfigDict, tx, plateau_tx):
-  def make(rng):
+  """(make(rng, inputs) -> the initial TrainState, its arguments)."""
+  def make(rng, inputs):
     init_rng, state_rng = jax.random.split(rng)
-    variables = learner.apply_init(learner.model, init_rng, learner.init_batch())
+    variables = learner.apply_init(learner.model, init_rng, learner.init_batch(), inputs)
     params = variables['params']
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                       batch_stats=variables.get('batch_stats', {}),
                       opt_state=tx.init(params), plateau=plateau_tx.init(params),
                       rng=state_rng, nonfinite_streak=jnp.zeros((), jnp.int32),
                       nonfinite_total=jnp.zeros((), jnp.int32))
-  return make, jax.random.PRNGKey(config.seed)
+  return make, (jax.random.PRNGKey(config.seed), learner.init_inputs())
 
 
-def _abstract(make, rng: jax.Array, mesh):
-  shapes = jax.eval_shape(make, rng)
+def _abstract(make, args: tuple, mesh):
+  shapes = jax.eval_shape(make, *args)
   shardings = sharding.state_shardings(mesh, shapes)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           shapes, shardings)
@@ -49,13 +50,15 @@ def _abstract(make, rng: jax.Array, mesh):
 
 def abstract_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
   """(shape/dtype/sharding tree of the state, shardings), without computing anything."""
-  make, rng = _state_factory(learner, config, tx, plateau_tx)
-  return _abstract(make, rng, mesh)
+  make, args = _state_factory(learner, config, tx, plateau_tx)
+  return _abstract(make, args, mesh)
 
 
 def init_state(learner: Learner, config: ml_collections.ConfigDict, mesh, tx, plateau_tx):
   """The initial state, created directly with its shardings (no host-side copy)."""
-  make, rng = _state_factory(learner, config, tx, plateau_tx)
-  _, shardings = _abstract(make, rng, mesh)   # the same `make`: jit reuses this trace
-  init = models.jit_init(make, mesh.devices.flat[0].platform, out_shardings=shardings)
-  return init(rng), shardings
+  make, args = _state_factory(learner, config, tx, plateau_tx)
+  _, shardings = _abstract(make, args, mesh)   # the same `make`: jit reuses this trace
+  # The arguments are the same on every host: replicated (host numpy arrays may be passed).
+  init = models.jit_init(make, mesh.devices.flat[0].platform,
+                         in_shardings=sharding.replicated(mesh), out_shardings=shardings)
+  return init(*args), shardings

@@ -25,20 +25,28 @@ def train_everything(path: tuple[str, ...]) -> bool:
   return True
 
 
+def no_init_inputs() -> None:
+  return None
+
+
 @dataclasses.dataclass(frozen=True)
 class Learner:
   """The model and its training loss.
 
   init_batch() -> a host batch of the input shapes (for `init`);
-  apply_init(model, rng, batch) -> the variables {'params', 'batch_stats'};
+  init_inputs() -> host arrays that the init takes as arguments (a pretrained encoder), so that
+    they are not compiled in as constants: one init program then serves every encoder of the
+    same shapes, and its compiled form can be cached;
+  apply_init(model, rng, batch, inputs) -> the variables {'params', 'batch_stats'};
   loss_fn(params, batch_stats, batch, epoch, rng) -> (loss, (new_batch_stats, metrics));
   trainable(path) -> False for parameters that must not change (frozen encoders).
   """
   model: nn.Module
   init_batch: Callable[[], HostBatch]
-  apply_init: Callable[[nn.Module, jax.Array, HostBatch], Any]
+  apply_init: Callable[[nn.Module, jax.Array, HostBatch, Any], Any]
   loss_fn: LossFn
   trainable: Callable[[tuple[str, ...]], bool] = train_everything
+  init_inputs: Callable[[], Any] = no_init_inputs
 
 
 @dataclasses.dataclass(frozen=True)
