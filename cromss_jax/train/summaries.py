@@ -7,7 +7,6 @@ package's own record framing and protos are pure Python and write the event file
 """
 from __future__ import annotations
 
-import itertools
 import os
 import socket
 import time
@@ -17,10 +16,6 @@ from etils import epath
 from tensorboard.compat.proto import event_pb2
 from tensorboard.compat.proto import summary_pb2
 from tensorboard.summary.writer import record_writer
-
-# Distinguishes writers opened by one process in the same second (as tf.summary's uid does).
-_WRITER_IDS = itertools.count()
-
 
 class ScalarWriter:
   """Appends scalar events to a new `events.out.tfevents.*` file in `logdir`.
@@ -59,8 +54,10 @@ class ScalarWriter:
 
   def _open(self) -> record_writer.RecordWriter:
     self._logdir.mkdir(parents=True, exist_ok=True)
+    # Host, pid and a monotonic clock keep the files of several writers apart (tf.summary adds
+    # a per-process counter instead).
     name = (f'events.out.tfevents.{int(time.time())}.{socket.gethostname()}.{os.getpid()}.'
-            f'{next(_WRITER_IDS)}')
+            f'{time.monotonic_ns()}')
     records = record_writer.RecordWriter((self._logdir / name).open('wb'))
     # The first event of every event file names the format version (tf.summary writes it too).
     records.write(event_pb2.Event(wall_time=time.time(), file_version='brain.Event:2')
