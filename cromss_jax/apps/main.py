@@ -60,13 +60,14 @@ def main(argv: Sequence[str]) -> None:
   cli.check_command_line(argv, config=_CONFIG.value, workdir=_WORKDIR.value)
   logs.quiet_libraries()
   config = _CONFIG.value
-  if 'transfer' in config:  # tf.data reads the downstream records; pretraining runs without TF
-    import tensorflow as tf  # pylint: disable=g-import-not-at-top
-    tf.config.set_visible_devices([], 'GPU')  # keep the accelerators for JAX
   initialise_distributed()
   from cromss_jax import train  # pylint: disable=g-import-not-at-top
   try:
     if 'transfer' in config:
+      # tf.data reads the downstream records (pretraining runs without TensorFlow); it must
+      # leave the accelerators to JAX.
+      import tensorflow as tf  # pylint: disable=g-import-not-at-top
+      tf.config.set_visible_devices([], 'GPU')
       from cromss_jax.tasks import transfer  # pylint: disable=g-import-not-at-top
       transfer.run(config, _WORKDIR.value, allow_config_change=_ALLOW_CONFIG_CHANGE.value)
     else:

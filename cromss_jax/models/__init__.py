@@ -4,7 +4,7 @@ from cromss_jax.models.fusion import (LateFusionUNet, MidFusionUNet, build_pretr
 from cromss_jax.models.resnet import ResNetEncoder, encoder_depth, pyramid_channels
 from cromss_jax.models.unet import UNetDecoder
 from cromss_jax.models.inputs import unit_float
-from cromss_jax.models.init_options import init_compiler_options, jit_init
+from cromss_jax.models.init_options import jit_init
 
 __all__ = [
     'LateFusionUNet',
@@ -15,7 +15,6 @@ __all__ = [
     'compute_dtype',
     'encoder_depth',
     'extract_encoder',
-    'init_compiler_options',
     'insert_encoder',
     'jit_init',
     'pyramid_channels',

@@ -161,14 +161,16 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, task: T
 
   manager = checkpointing.create_manager(workdir, keep=config.training.keep_checkpoints)
   history: list[dict] = []
-  abstract, state_shardings = state_lib.abstract_state(learner, config, mesh, tx, plateau_tx)
-  restored = checkpointing.restore_latest(manager, abstract)
-  if restored is not None:  # resume: restored into the abstract state, no init
+  restored = None
+  if manager.all_steps():  # resume: restored into the abstract state, no init
+    abstract, state_shardings = state_lib.abstract_state(learner, config, mesh, tx, plateau_tx)
+    restored = checkpointing.restore_latest(manager, abstract)
+  if restored is not None:
     state, meta = restored
     history = list(meta.get('history', []))
     _check_stream(meta.get('data_stream'), data.stream, int(jax.device_get(state.step)),
                   allow_config_change)
-  else:
+  else:  # fresh: init_state traces the init once, for its shapes, shardings and program
     state, state_shardings = state_lib.init_state(learner, config, mesh, tx, plateau_tx)
   start_step = int(jax.device_get(state.step))
   if start_step:
