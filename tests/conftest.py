@@ -5,6 +5,7 @@ tests (and repeated configs across modules) compile each program once; entries a
 the program, so a cache hit never changes a result.
 """
 import os
+import sys
 import tempfile
 
 import pytest
@@ -53,6 +54,21 @@ def pytest_collection_modifyitems(config, items):
       item.add_marker(pytest.mark.slow)
   _restore_xdist_groups(config, items)
   items.sort(key=_start_rank)   # stable: the order within a unit is kept
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+  """Frees the shared pretraining run (~1.4 GB on disk) after the last test of its group.
+
+  The group's tests run one after another on one worker (one xdist unit; the collection is
+  sorted by `_start_rank`), and `nextitem` is the next test this worker runs, so a next test
+  outside the group means no test here needs the run again.
+  """
+  shared = sys.modules.get('pretrain_run')
+  group = '@' + shared.GROUP if shared else None
+  if group and _xdist_group_suffix(item) == group and (
+      nextitem is None or _xdist_group_suffix(nextitem) != group):
+    shared.release()
 
 
 def _xdist_group_suffix(item) -> str:

@@ -3,28 +3,33 @@
 A 5-location demo dataset (4 train, 1 validation locations, clean labels) and run A, one
 in-process `train.train_and_evaluate` of the tiny config (helpers.TINY). When a two-process test
 is selected, the two-process run (tests/drivers/two_process_train.py) is started in the
-background before run A, so that the two overlap. Used by test_train.py and test_export.py.
+background before run A, so that the two overlap. Used by test_train.py and test_export.py,
+whose tests form the xdist group GROUP; conftest.py calls `release` after the group's last test
+(~1.4 GB of checkpoints and exports), and a later user would make the run again.
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
 import os
+import shutil
 import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
+from cromss_jax import checkpointing
 from cromss_jax import input_pipeline
 from cromss_jax import sharding
 from cromss_jax import train
 from cromss_jax.tasks import pretrain
-from helpers import TINY_CONFIG, Proc, cli_overrides, flat, tiny_config
+from helpers import TINY_CONFIG, Proc, cli_overrides, flat, save_npz, tiny_config
 from helpers import REPO
 
+GROUP = 'pretrain_run'
 _SHARED: dict[str, Any] = {}
 MULTIPROCESS_TESTS = ('test_two_processes_match_one_process',
                       'test_export_reads_checkpoint_of_multiprocess_run')
@@ -50,7 +55,7 @@ def _save_initial_state(dataset_dir: str, path: Path) -> None:
   state, _ = train.init_state(learner, config, sharding.create_mesh(config),
                               train.create_optimizer(config.optimizer),
                               train.create_plateau(config))
-  np.savez(path, **flat(state))
+  save_npz(path, flat(state))
 
 
 def _save_fixed_batches(dataset_dir: str, path: Path) -> None:
@@ -79,7 +84,9 @@ def _launch_multiprocess(root: Path, dataset_dir: str) -> dict:
   """Starts two processes (CPU, one device each) training 2 steps on run A's fixed batches."""
   workdir = root / 'mp_workdir'
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get('PYTHONPATH', ''))
+  tests = str(Path(__file__).resolve().parent)   # the driver imports helpers
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+      [str(REPO), tests, os.environ.get('PYTHONPATH', '')]))
   procs = []
   for process_id in range(2):
     args = [sys.executable, str(DRIVER), str(root / 'batches.npz'), str(root / 'init.npz'),
@@ -117,20 +124,64 @@ def _run_a(dataset_dir: str, workdir: Path) -> dict:
           'seconds': time.perf_counter() - start}
 
 
+def _once(key: str, make: Callable[[], Any]) -> Any:
+  """_SHARED[key], made by `make` the first time. A failure is kept and raised again, so that
+  the many tests using a broken artifact fail at once instead of each making it again."""
+  if key not in _SHARED:
+    try:
+      _SHARED[key] = make()
+    except Exception as error:
+      _SHARED[key] = error
+      raise
+  if isinstance(_SHARED[key], Exception):
+    raise RuntimeError(f'making the shared {key} failed in an earlier test') from _SHARED[key]
+  return _SHARED[key]
+
+
+def _make_shared_run(tmp_path_factory, request) -> dict:
+  root = tmp_path_factory.mktemp('train_shared')
+  _SHARED['root'] = root   # for `release`, even if what follows fails
+  run = {'dataset': _make_dataset(root), 'init': str(root / 'init.npz'), 'root': root}
+  # Compiles the init program that run A then loads from the persistent cache.
+  _save_initial_state(run['dataset'], root / 'init.npz')
+  if any(item.name in MULTIPROCESS_TESTS for item in request.session.items):
+    _save_fixed_batches(run['dataset'], root / 'batches.npz')
+    mp = _launch_multiprocess(root, run['dataset'])
+    _SHARED['mp'] = run['mp'] = mp
+    request.config.add_cleanup(lambda: [p.kill() for p in mp['procs']])
+  run['a'] = _run_a(run['dataset'], root / 'A')
+  run['a_workdir'] = str(root / 'A')
+  return run
+
+
 def shared_run(tmp_path_factory, request) -> dict:
   """Dataset + run A (+ the background two-process run when its test is selected), once."""
-  if 'a_workdir' in _SHARED:
-    return _SHARED
-  root = tmp_path_factory.mktemp('train_shared')
-  _SHARED['dataset'] = _make_dataset(root)
-  # Compiles the init program that run A then loads from the persistent cache.
-  _save_initial_state(_SHARED['dataset'], root / 'init.npz')
-  _SHARED['init'] = str(root / 'init.npz')
-  if any(item.name in MULTIPROCESS_TESTS for item in request.session.items):
-    _save_fixed_batches(_SHARED['dataset'], root / 'batches.npz')
-    mp = _launch_multiprocess(root, _SHARED['dataset'])
-    _SHARED['mp'] = mp
-    request.config.add_cleanup(lambda: [p.kill() for p in mp['procs']])
-  _SHARED['a'] = _run_a(_SHARED['dataset'], root / 'A')
-  _SHARED['a_workdir'] = str(root / 'A')
-  return _SHARED
+  return _once('run', lambda: _make_shared_run(tmp_path_factory, request))
+
+
+def _export(run: dict) -> dict:
+  out = Path(run['root']) / 'export' / 'E'
+  out.parent.mkdir()
+  proc = Proc([sys.executable, '-m', 'cromss_jax.export',
+               f'--workdir={run["a_workdir"]}', f'--out={out}'], out.parent / 'export.log')
+  rc = proc.wait()
+  assert rc == 0, proc.tail()
+  state, meta, step = checkpointing.load_latest_checkpoint(run['a_workdir'])
+  return {'out': out, 'stdout': proc.text, 'state': state, 'meta': meta, 'step': step,
+          'init': run['init'], 'workdir': run['a_workdir'],
+          'variables': {'params': state['params'], 'batch_stats': state['batch_stats']}}
+
+
+def exported_run(tmp_path_factory, request) -> dict:
+  """Run A exported by the CLI (`python -m cromss_jax.export`), once."""
+  run = shared_run(tmp_path_factory, request)
+  return _once('exported', lambda: _export(run))
+
+
+def release() -> None:
+  """Removes the shared run from disk and memory (the background processes are done by now)."""
+  for proc in _SHARED.get('mp', {}).get('procs', ()):
+    proc.kill()
+  if 'root' in _SHARED:
+    shutil.rmtree(_SHARED['root'], ignore_errors=True)
+  _SHARED.clear()

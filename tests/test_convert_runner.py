@@ -51,7 +51,8 @@ def demo(tmp_path_factory):
   proc = _run('data_prep.make_demo', '--out', str(root), '--locations', '3',
               '--dfc-validation', '12', '--dfc-test', '4', '--scene-size', '16x16')
   assert proc.returncode == 0, proc.stderr
-  return root
+  yield root
+  shutil.rmtree(root.parent, ignore_errors=True)   # ~50 MB of GeoTIFFs
 
 
 def _copy(src, dst):

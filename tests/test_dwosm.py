@@ -9,6 +9,7 @@ import csv
 import json
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,7 +156,8 @@ def converted(tmp_path_factory):
   releases = {labels: make_release(base / 'data', labels) for labels in ('dw', 'osm')}
   for command in _readme_commands('python -m data_prep.ssl4eo_dwosm'):
     _run(command, {'/data/': f'{base}/data/'}, extra=('--workers', '1'))
-  return base, releases
+  yield base, releases
+  shutil.rmtree(base, ignore_errors=True)   # ~220 MB of 512 px tiles and records
 
 
 @pytest.mark.slow

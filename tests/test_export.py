@@ -26,24 +26,14 @@ from cromss_jax import exports
 from cromss_jax import models
 
 # Both modules use the one shared pretraining run: keep them on one xdist worker.
-pytestmark = pytest.mark.xdist_group('pretrain_run')
+pytestmark = pytest.mark.xdist_group(pretrain_run.GROUP)
 
 
-# Session scope: xdist may interleave this module's tests with test_train's on one worker; a
-# module-scoped fixture would be built again after each switch.
-@pytest.fixture(scope='session')
+# Made once (pretrain_run memoises it): function scope, so that a test after the shared run's
+# release (see pretrain_run.py) gets a new one, not the removed one.
+@pytest.fixture
 def exported(tmp_path_factory, request):
-  shared = pretrain_run.shared_run(tmp_path_factory, request)
-  out = tmp_path_factory.mktemp('export') / 'E'
-  proc = helpers.Proc([sys.executable, '-m', 'cromss_jax.export',
-                          f'--workdir={shared["a_workdir"]}', f'--out={out}'],
-                         out.parent / 'export.log')
-  rc = proc.wait()
-  assert rc == 0, proc.tail()
-  state, meta, step = checkpointing.load_latest_checkpoint(shared['a_workdir'])
-  return {'out': out, 'stdout': proc.text, 'state': state, 'meta': meta, 'step': step,
-          'init': shared['init'], 'workdir': shared['a_workdir'],
-          'variables': {'params': state['params'], 'batch_stats': state['batch_stats']}}
+  return pretrain_run.exported_run(tmp_path_factory, request)
 
 
 def _assert_same_tree(actual, expected, what):

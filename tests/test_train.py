@@ -34,16 +34,16 @@ from cromss_jax.config_validation import ConfigError
 
 import pretrain_run
 from helpers import toy_config, toy_task
-from helpers import (PROCESS_TIMEOUT_S, TMP_SUFFIX, TOTAL_STEPS, Proc,
+from helpers import (PROCESS_TIMEOUT_S, TMP_SUFFIX, TOTAL_STEPS, Proc, array_digests,
                      assert_trees_equal, cli_command, complete_steps, flat,
                      read_scalars, restore_step, tiny_config)
 
 # Both modules use the one shared pretraining run: keep them on one xdist worker.
-pytestmark = pytest.mark.xdist_group('pretrain_run')
+pytestmark = pytest.mark.xdist_group(pretrain_run.GROUP)
 
 
 
-@pytest.fixture(scope='session')
+@pytest.fixture   # made once (pretrain_run memoises it); see test_export.exported
 def shared(tmp_path_factory, request):
   return pretrain_run.shared_run(tmp_path_factory, request)
 
@@ -213,7 +213,9 @@ def test_sigterm_checkpoints_stops_and_resumes_exactly(tmp_path, toy_reference, 
 def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_path):
   workdir = tmp_path / 'B'
   ckpt_dir = workdir / 'checkpoints'
-  command = cli_command(workdir, shared['dataset'])
+  # One complete checkpoint kept (run A keeps 3): each is ~270 MB, and the runs below also
+  # check that replacing the previous checkpoint survives a kill.
+  command = cli_command(workdir, shared['dataset'], **{'training.keep_checkpoints': 1})
   runs: list[str] = []
 
   # (1) SIGKILL at a random moment after the first checkpoint is complete.
@@ -276,6 +278,7 @@ def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_
   b_state, b_meta, b_step = checkpointing.load_latest_checkpoint(str(workdir))
   a_state, a_meta, a_step = checkpointing.load_latest_checkpoint(shared['a_workdir'])
   assert b_step == a_step == TOTAL_STEPS
+  assert complete_steps(workdir) == [TOTAL_STEPS]   # keep_checkpoints=1 held across the kills
   assert_trees_equal(b_state, a_state, 'killed/resumed run vs run A')   # bitwise
   assert b_meta['history'] == a_meta['history']
   assert json.loads((workdir / 'history.json').read_text()) == a_meta['history']
@@ -283,6 +286,8 @@ def test_cli_kill_resume_and_preemption_reproduce_uninterrupted_run(shared, tmp_
   assert b_config['objective']['keep_ratio'] == 0.3       # the CLI override reached the run
   assert a_config['training'].pop('panel_every_epochs') == 1
   assert b_config['training'].pop('panel_every_epochs') == 0
+  assert a_config['training'].pop('keep_checkpoints') == 3
+  assert b_config['training'].pop('keep_checkpoints') == 1
   assert b_config == a_config
 
 
@@ -312,15 +317,16 @@ def test_two_processes_match_one_process(shared):
     assert f'process {i} of 2 feeds rows slice({i}, {i + 1}, None)' in proc.text
     assert 'DRIVER DONE' in proc.text
   workdir = mp['workdir']
-  replicas = [dict(np.load(os.path.join(workdir, f'replica_{i}.npz'))) for i in range(2)]
-  for key in replicas[0]:
-    np.testing.assert_array_equal(replicas[1][key], replicas[0][key], err_msg=key)
+  replicas = [json.loads(Path(workdir, f'replica_{i}.json').read_text()) for i in range(2)]
+  assert replicas[1] == replicas[0], [k for k in replicas[0]
+                                      if replicas[1].get(k) != replicas[0][k]]
   assert complete_steps(workdir) == [2]
   mp_state, mp_meta = restore_step(workdir, 2)
   saved = flat(mp_state)
   assert sorted(replicas[0]) == sorted(k for k in saved if not k.startswith('opt_state/'))
-  for key in replicas[0]:
-    np.testing.assert_array_equal(saved[key], replicas[0][key], err_msg=key)
+  saved_digests = array_digests({k: saved[k] for k in replicas[0]})
+  assert saved_digests == replicas[0], [k for k in replicas[0]
+                                        if saved_digests[k] != replicas[0][k]]
 
   # Process 0 alone writes the summaries and history.json.
   assert len(glob.glob(os.path.join(workdir, 'tensorboard', 'events.out.tfevents.*'))) == 1

@@ -1,9 +1,10 @@
 """One process of a two-process CPU run: the CLI's flags, a fixed global batch per step."""
-import dataclasses, os, sys
+import dataclasses, json, os, sys
 import numpy as np
 from absl import flags, logging
 from cromss_jax.apps import main as cli
 from cromss_jax import logs
+from helpers import array_digests   # tests/ is on PYTHONPATH (pretrain_run.py)
 
 batches_path, init_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 flags.FLAGS(['driver'] + argv)
@@ -59,9 +60,10 @@ def init_state_from_host(learner, config, mesh, tx, plateau_tx):
 state_lib.init_state = init_state_from_host
 state = train.train_and_evaluate(config, workdir, task)
 
-# This process's copy of the (replicated) state; the optimiser moments are left out (size).
+# Fingerprints of this process's copy of the (replicated) state, the optimiser moments left out.
 local = {'/'.join(name(e) for e in path): np.asarray(x.addressable_data(0))
          for path, x in jax.tree_util.tree_flatten_with_path(state)[0]}
 local = {k: v for k, v in local.items() if not k.startswith('opt_state/')}
-np.savez(os.path.join(workdir, f'replica_{jax.process_index()}.npz'), **local)
+with open(os.path.join(workdir, f'replica_{jax.process_index()}.json'), 'w') as f:
+  json.dump(array_digests(local), f)
 print('DRIVER DONE', flush=True)
