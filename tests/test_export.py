@@ -138,7 +138,8 @@ def test_load_exported_rejects_a_non_export(tmp_path):
 @pytest.mark.slow
 def test_export_replaces_an_existing_export_only_when_asked_and_never_half(exported, tmp_path):
   """Refused without --overwrite; kill -9 while replacing leaves the old export whole; the
-  completed --overwrite run leaves exactly the new export (here in safetensors)."""
+  completed --overwrite run leaves exactly the new export (here in safetensors) and removes
+  the killed run's unfinished folder."""
   out = tmp_path / 'E'
   shutil.copytree(exported['out'], out)
   (out / 'stale_from_an_earlier_run').write_text('old')
@@ -165,9 +166,14 @@ def test_export_replaces_an_existing_export_only_when_asked_and_never_half(expor
   assert meta['storage'] == 'orbax'
   _assert_same_tree(variables, exported['variables'], 'old export after kill -9')
 
+  abandoned = [p for p in os.listdir(tmp_path) if p.startswith(f'.E.{victim.p.pid}.')]
+  assert abandoned, os.listdir(tmp_path)   # what kill -9 leaves: the unfinished folder
+
   replaced = helpers.Proc(cmd + ['--overwrite', '--format=safetensors'],
                           tmp_path / 'replaced.log')
   assert replaced.wait() == 0, replaced.tail()
+  assert [p for p in os.listdir(tmp_path) if p.startswith('.E.')] == []
+  assert f'left unfinished by process {victim.p.pid} ' in replaced.text
   assert sorted(os.listdir(out)) == ['encoder_s1', 'encoder_s1.json', 'encoder_s2',
                                      'encoder_s2.json', 'pretrain_model', 'pretrain_model.json']
   for name in ('encoder_s1', 'encoder_s2', 'pretrain_model'):
