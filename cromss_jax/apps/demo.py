@@ -53,17 +53,24 @@ def generate(out: str) -> str:
   return raw
 
 
+def _run_converter(module, argv: list[str]) -> None:
+  """`python -m data_prep.<module> argv`, its user errors raised as such (not SystemExit)."""
+  from data_prep import common
+  common.cli_main(module.run, module.build_parser().parse_args(argv))
+
+
 def convert(raw: str, out: str) -> tuple[str, str]:
   from data_prep import dfc2020, ssl4eo
   root = os.path.join(raw, 'ssl4eo')
   ssl4eo_dir = os.path.join(out, 'tfds', 'ssl4eo_s12_nol')
   dfc_dir = os.path.join(out, 'tfds', 'dfc2020')
-  ssl4eo.main(['--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2c'),
-               '--labels', os.path.join(root, 'labels', 'noisy_manifest.csv'),
-               '--clean-labels', os.path.join(root, 'labels', 'clean_manifest.csv'),
-               '--out', ssl4eo_dir, '--val-fraction', '0.1', '--examples-per-shard', '4'])
-  dfc2020.main(['--root', os.path.join(raw, 'dfc2020'), '--out', dfc_dir,
-                '--examples-per-shard', '16'])
+  _run_converter(ssl4eo, [
+      '--s1', os.path.join(root, 's1'), '--s2', os.path.join(root, 's2c'),
+      '--labels', os.path.join(root, 'labels', 'noisy_manifest.csv'),
+      '--clean-labels', os.path.join(root, 'labels', 'clean_manifest.csv'),
+      '--out', ssl4eo_dir, '--val-fraction', '0.1', '--examples-per-shard', '4'])
+  _run_converter(dfc2020, ['--root', os.path.join(raw, 'dfc2020'), '--out', dfc_dir,
+                           '--examples-per-shard', '16'])
   return ssl4eo_dir, dfc_dir
 
 
@@ -133,6 +140,19 @@ def main(argv):
   logs.quiet_libraries()
   out = os.path.abspath(_OUT.value)
   os.makedirs(out, exist_ok=True)
+  try:
+    _run_stages(out)
+  except cli.UserError as err:
+    # Such errors here come from what `out` already holds (a converter or a training run
+    # refusing another version's or settings' files), and `make demo` has no --overwrite.
+    raise cli.UserError(
+        f'{str(err).rstrip(".")}. The demo resumes from what it finds in {out}: to start over, '
+        'delete that folder (`make clean` deletes the default one) or choose another '
+        '(`make demo DEMO_DIR=...`, or --out)'
+    ) from None
+
+
+def _run_stages(out: str) -> None:
   t0 = time.perf_counter()
   start = _stage('1/6 generating demo GeoTIFFs (SSL4EO-S12, Dynamic World labels, DFC2020)')
   raw = generate(out)
