@@ -11,6 +11,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import uuid
 from typing import Any, Iterator
 
@@ -18,10 +19,17 @@ from absl import logging
 from etils import epath
 
 
-def _temporary_sibling(path: str) -> str:
-  # Not mkstemp: its 0600 mode would stick to the result; this name is unique per process/call.
+def _host() -> str:
+  return re.sub(r'[^A-Za-z0-9-]', '-', socket.gethostname()) or 'host'
+
+
+def _temporary_sibling(path: str, kind: str = 'tmp') -> str:
+  """A hidden name beside `path`, unique per host, process and call; `kind` 'tmp' for what is
+  being written, 'old' for a previous version moved aside. Not mkstemp: its 0600 mode would
+  stick to the result."""
   folder, name = os.path.split(path)
-  return os.path.join(folder, f'.{name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp')
+  return os.path.join(folder,
+                      f'.{name}.{_host()}.{os.getpid()}.{uuid.uuid4().hex[:8]}.{kind}')
 
 
 def _process_is_running(pid: int) -> bool:
@@ -34,19 +42,33 @@ def _process_is_running(pid: int) -> bool:
   return True
 
 
-def _remove_abandoned_siblings(path: str) -> None:
-  """Removes the temporary siblings of `path` (`_temporary_sibling`) whose writer no longer
-  runs on this machine: a writer killed with SIGKILL cannot clean up, and an abandoned export
-  of a large model takes hundreds of MB in a folder that `ls` does not show."""
+def _recover_abandoned_siblings(path: str) -> None:
+  """Cleans up after writers of `path` on this host that were killed (SIGKILL allows no clean-up).
+
+  Their unfinished folders are removed (an export of a large model is hundreds of MB that `ls`
+  does not show). A previous version that a writer had moved aside ('old') is moved back if
+  `path` is missing (the writer died between the two renames), else removed. Siblings of other
+  hosts (a shared file system) are left alone: whether their writer runs cannot be told here.
+  """
   folder, name = os.path.split(path)
-  pattern = re.compile(re.escape(f'.{name}.') + r'(\d+)\.[0-9a-f]{8}\.tmp')
-  with contextlib.suppress(FileNotFoundError):
-    for entry in os.listdir(folder):
-      match = pattern.fullmatch(entry)
-      if match and not _process_is_running(int(match.group(1))):
-        logging.info('Removing %s, left unfinished by process %s (no longer running).',
-                     os.path.join(folder, entry), match.group(1))
-        shutil.rmtree(os.path.join(folder, entry), ignore_errors=True)
+  pattern = re.compile(re.escape(f'.{name}.{_host()}.') + r'(\d+)\.[0-9a-f]{8}\.(tmp|old)')
+  try:
+    entries = sorted(os.listdir(folder), key=lambda e: not e.endswith('.old'))   # 'old' first
+  except FileNotFoundError:
+    return
+  for entry in entries:
+    match = pattern.fullmatch(entry)
+    if not match or _process_is_running(int(match.group(1))):
+      continue
+    sibling = os.path.join(folder, entry)
+    if match.group(2) == 'old' and not os.path.lexists(path):
+      os.replace(sibling, path)
+      logging.warning('Restored %s from %s: process %s was killed while replacing it.', path,
+                      entry, match.group(1))
+    else:
+      logging.info('Removing %s, left by process %s (no longer running).', sibling,
+                   match.group(1))
+      shutil.rmtree(sibling, ignore_errors=True)
 
 
 @contextlib.contextmanager
@@ -85,21 +107,21 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool) -> Iterator[st
 
   An existing `path` is only replaced when `overwrite` is set (FileExistsError otherwise); the old
   folder is renamed aside first and removed after the swap, so at every moment `path` is either
-  the complete old folder, absent for an instant, or the complete new one. Temporary folders of
-  `path` left by killed writers are removed first.
+  the complete old folder, absent for an instant, or the complete new one. What killed writers
+  of `path` left is cleaned up first (`_recover_abandoned_siblings`).
   """
   path = os.path.abspath(os.fspath(path))
+  _recover_abandoned_siblings(path)
   if os.path.exists(path) and not overwrite:
     raise FileExistsError(f'{path} exists; pass --overwrite to replace it')
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  _remove_abandoned_siblings(path)
   tmp = _temporary_sibling(path)
   os.makedirs(tmp)
   try:
     yield tmp
     old = None
     if os.path.exists(path):
-      old = _temporary_sibling(path)
+      old = _temporary_sibling(path, 'old')
       os.replace(path, old)
     os.replace(tmp, path)
     if old is not None:

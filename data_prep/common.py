@@ -112,6 +112,16 @@ class ConversionError(cli.UserError, RuntimeError):
   """The run cannot start or finish as asked (bad arguments, foreign output directory)."""
 
 
+class ExistingOutputError(ConversionError):
+  """--out holds files this conversion cannot resume from. `problem` says what they are and
+  `advice` what the user of the converter can do, so that a tool running the converter for the
+  user (the demo) can give its own advice instead."""
+
+  def __init__(self, problem: str, advice: str):
+    super().__init__(f'{problem}: {advice}')
+    self.problem, self.advice = problem, advice
+
+
 # ---------------------------------------------------------------------------------------------
 # Raster reads and checks.
 
@@ -913,30 +923,31 @@ def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: boo
         old = json.load(f)
     except (OSError, ValueError) as err:
       if not overwrite:
-        raise ConversionError(f'{printable(plan_path)} is unreadable ({err}); pass --overwrite '
-                              'to discard the earlier conversion and start over') from None
+        raise ExistingOutputError(f'{printable(plan_path)} is unreadable ({err})',
+                                  'pass --overwrite to discard the earlier conversion and start '
+                                  'over') from None
       old = {}
   recorded = _recorded_outputs(state_dir, old)
   if old:  # A plan written before plans named the file format: TFRecord shards.
     old = dict(old, file_format=_plan_file_format(old))
   if not overwrite and old and old['file_format'] != plan['file_format']:
-    raise ConversionError(
+    raise ExistingOutputError(
         f'{printable(out_dir)} holds {old["file_format"]} shards of an earlier conversion, but '
         f'{plan["dataset"]} is now written as {plan["file_format"]} (the records cannot be '
-        'reused): pass --overwrite to discard that conversion and start over, or choose another '
-        '--out.')
+        'reused)', 'pass --overwrite to discard that conversion and start over, or choose '
+        'another --out.')
   if not overwrite and old is not None and old != plan:
-    raise ConversionError(
+    raise ExistingOutputError(
         f'{printable(out_dir)} holds a conversion made with other arguments or inputs '
-        f'({_describe_difference(old, plan)}). Re-run with the original arguments to resume, '
+        f'({_describe_difference(old, plan)})', 'Re-run with the original arguments to resume, '
         'or pass --overwrite to discard it and start over.')
   planned = _planned_outputs(plan)
   foreign = [f for f in planned if f not in recorded and os.path.lexists(os.path.join(out_dir, f))]
   if foreign:  # Checked before anything is deleted.
     shown = ', '.join(foreign[:4]) + (f' and {len(foreign) - 4} more' if len(foreign) > 4 else '')
-    raise ConversionError(
+    raise ExistingOutputError(
         f'{printable(out_dir)} already holds {shown}, not written by a conversion recorded there '
-        '(another dataset?); they are never replaced, also not with --overwrite: choose another '
+        '(another dataset?)', 'they are never replaced, also not with --overwrite: choose another '
         '--out, or move them away yourself.')
   if overwrite and (old is not None or recorded):
     logging.warning('--overwrite: discarding the earlier conversion in %s', printable(out_dir))

@@ -62,8 +62,11 @@ def pytest_runtest_teardown(item, nextitem):
 
   The group's tests run one after another on one worker (one xdist unit; the collection is
   sorted by `_start_rank`), and `nextitem` is the next test this worker runs, so a next test
-  outside the group means no test here needs the run again.
+  outside the group means no test here needs the run again. Kept for inspection when a test of
+  this worker failed.
   """
+  if item.session.testsfailed:
+    return
   shared = sys.modules.get('pretrain_run')
   group = '@' + shared.GROUP if shared else None
   if group and _xdist_group_suffix(item) == group and (

@@ -1,4 +1,4 @@
-"""The expensive artifacts of the training tests, made once per session.
+"""The expensive artifacts of the training tests, made once and removed after their last use.
 
 A 5-location demo dataset (4 train, 1 validation locations, clean labels) and run A, one
 in-process `train.train_and_evaluate` of the tiny config (helpers.TINY). When a two-process test
@@ -130,10 +130,12 @@ def _once(key: str, make: Callable[[], Any]) -> Any:
   if key not in _SHARED:
     try:
       _SHARED[key] = make()
-    except Exception as error:
+    except KeyboardInterrupt:
+      raise
+    except BaseException as error:   # pytest.fail (a timed-out process) is not an Exception
       _SHARED[key] = error
       raise
-  if isinstance(_SHARED[key], Exception):
+  if isinstance(_SHARED[key], BaseException):
     raise RuntimeError(f'making the shared {key} failed in an earlier test') from _SHARED[key]
   return _SHARED[key]
 

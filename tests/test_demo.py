@@ -22,7 +22,8 @@ def test_an_earlier_versions_records_give_one_error_that_says_how_to_start_over(
   # What a version that wrote TFRecord shards left: its plan names no file format.
   state = out / 'tfds' / 'ssl4eo_s12_nol' / common.STATE_DIR
   state.mkdir(parents=True)
-  (state / 'plan.json').write_text(json.dumps({'dataset': 'ssl4eo_s12_nol', 'shards': []}))
+  plan = json.dumps({'dataset': 'ssl4eo_s12_nol', 'shards': []})
+  (state / 'plan.json').write_text(plan)
 
   proc = subprocess.run([sys.executable, '-m', 'cromss_jax.demo', f'--out={out}'], cwd=REPO,
                         capture_output=True, text=True, timeout=300, check=False)
@@ -31,7 +32,11 @@ def test_an_earlier_versions_records_give_one_error_that_says_how_to_start_over(
   errors = [line for line in proc.stderr.splitlines() if line.startswith('error: ')]
   assert len(errors) == 1, proc.stderr[-3000:]
   assert 'tfrecord shards of an earlier conversion' in errors[0]
-  assert f'The demo resumes from what it finds in {out}: to start over' in errors[0]
+  assert f'The demo resumes from what it finds in {out} and cannot use' in errors[0]
   assert '`make clean`' in errors[0] and 'DEMO_DIR=' in errors[0]
+  assert '--overwrite' not in errors[0]   # the converter's advice; the demo has no such flag
+  # Nothing written over the earlier files.
   assert sorted(p.name for p in (out / 'tfds' / 'ssl4eo_s12_nol').iterdir()) == [
-      common.STATE_DIR]   # nothing written over the earlier files
+      common.STATE_DIR]
+  assert sorted(p.name for p in state.iterdir()) == ['plan.json']
+  assert (state / 'plan.json').read_text() == plan

@@ -1,6 +1,6 @@
 """`python -m cromss_jax.export`: the S1/S2 encoders and the whole model of a pretraining run.
 
-The run is run A of test_train.py (made once per session by `pretrain_run.shared_run`: ResNet-18
+The run is run A of test_train.py (made once by `pretrain_run.shared_run`: ResNet-18
 mid fusion, 13 S2 bands, 3 epochs, latest checkpoint at step 6); the export runs through the
 command line, as a user would call it.
 """
@@ -166,14 +166,15 @@ def test_export_replaces_an_existing_export_only_when_asked_and_never_half(expor
   assert meta['storage'] == 'orbax'
   _assert_same_tree(variables, exported['variables'], 'old export after kill -9')
 
-  abandoned = [p for p in os.listdir(tmp_path) if p.startswith(f'.E.{victim.p.pid}.')]
+  abandoned = [p for p in os.listdir(tmp_path)
+               if p.startswith('.E.') and f'.{victim.p.pid}.' in p]
   assert abandoned, os.listdir(tmp_path)   # what kill -9 leaves: the unfinished folder
 
   replaced = helpers.Proc(cmd + ['--overwrite', '--format=safetensors'],
                           tmp_path / 'replaced.log')
   assert replaced.wait() == 0, replaced.tail()
   assert [p for p in os.listdir(tmp_path) if p.startswith('.E.')] == []
-  assert f'left unfinished by process {victim.p.pid} ' in replaced.text
+  assert f'left by process {victim.p.pid} (no longer running)' in replaced.text
   assert sorted(os.listdir(out)) == ['encoder_s1', 'encoder_s1.json', 'encoder_s2',
                                      'encoder_s2.json', 'pretrain_model', 'pretrain_model.json']
   for name in ('encoder_s1', 'encoder_s2', 'pretrain_model'):

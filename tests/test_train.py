@@ -1,6 +1,6 @@
 """The training system: config errors, one compiled step, non-finite steps, kill/resume, hosts.
 
-Expensive artifacts are made once per session by `shared_run` (also used by test_export.py):
+Expensive artifacts are made once by `shared_run` (also used by test_export.py):
 a 5-location demo dataset (4 train, 1 validation locations, clean labels) and run A, one
 in-process `train.train_and_evaluate` of the tiny config (ResNet-18 mid fusion, float32, 64 px
 crops, global batch 2, 3 epochs x 2 steps, a checkpoint every epoch). The subprocess runs (the

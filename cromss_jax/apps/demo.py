@@ -140,16 +140,15 @@ def main(argv):
   logs.quiet_libraries()
   out = os.path.abspath(_OUT.value)
   os.makedirs(out, exist_ok=True)
+  from data_prep import common
   try:
     _run_stages(out)
-  except cli.UserError as err:
-    # Such errors here come from what `out` already holds (a converter or a training run
-    # refusing another version's or settings' files), and `make demo` has no --overwrite.
+  except common.ExistingOutputError as err:
+    # `make demo` has no --overwrite: the converter's own advice would not apply.
     raise cli.UserError(
-        f'{str(err).rstrip(".")}. The demo resumes from what it finds in {out}: to start over, '
-        'delete that folder (`make clean` deletes the default one) or choose another '
-        '(`make demo DEMO_DIR=...`, or --out)'
-    ) from None
+        f'{err.problem}. The demo resumes from what it finds in {out} and cannot use these '
+        'files: to start over, delete that folder (`make clean` deletes the default one) or '
+        'choose another (`make demo DEMO_DIR=...`, or --out)') from None
 
 
 def _run_stages(out: str) -> None:

@@ -4,7 +4,6 @@ import numpy as np
 from absl import flags, logging
 from cromss_jax.apps import main as cli
 from cromss_jax import logs
-from helpers import array_digests   # tests/ is on PYTHONPATH (pretrain_run.py)
 
 batches_path, init_path, argv = sys.argv[1], sys.argv[2], sys.argv[3:]
 flags.FLAGS(['driver'] + argv)
@@ -14,6 +13,7 @@ cli.initialise_distributed()   # --coordinator_address/--num_processes/--process
 
 import jax
 from cromss_jax import sharding, train
+from helpers import array_digests   # tests/ is on PYTHONPATH (pretrain_run.py)
 from cromss_jax.tasks import pretrain
 from cromss_jax.train import state as state_lib
 
