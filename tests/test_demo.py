@@ -1,6 +1,6 @@
 """The demo (`make demo`, `python -m cromss_jax.demo`) over a folder that an earlier run left.
 
-The whole demo takes ~8 minutes on 2 cores and is not run here; each of its stages is the
+The whole demo takes ~7-8 minutes on 2 cores and is not run here; each of its stages is the
 project's own command, tested in the modules of those commands.
 """
 import json
