@@ -939,7 +939,7 @@ def _prepare_state(out_dir: str, plan: dict[str, Any], name: str, overwrite: boo
   if not overwrite and old is not None and old != plan:
     raise ExistingOutputError(
         f'{printable(out_dir)} holds a conversion made with other arguments or inputs '
-        f'({_describe_difference(old, plan)})', 'Re-run with the original arguments to resume, '
+        f'({_describe_difference(old, plan)})', 're-run with the original arguments to resume, '
         'or pass --overwrite to discard it and start over.')
   planned = _planned_outputs(plan)
   foreign = [f for f in planned if f not in recorded and os.path.lexists(os.path.join(out_dir, f))]

@@ -142,14 +142,13 @@ def _once(key: str, make: Callable[[], Any]) -> Any:
 
 def _make_shared_run(tmp_path_factory, request) -> dict:
   root = tmp_path_factory.mktemp('train_shared')
-  _SHARED['root'] = root   # for `release`, even if what follows fails
   run = {'dataset': _make_dataset(root), 'init': str(root / 'init.npz'), 'root': root}
   # Compiles the init program that run A then loads from the persistent cache.
   _save_initial_state(run['dataset'], root / 'init.npz')
   if any(item.name in MULTIPROCESS_TESTS for item in request.session.items):
     _save_fixed_batches(run['dataset'], root / 'batches.npz')
     mp = _launch_multiprocess(root, run['dataset'])
-    _SHARED['mp'] = run['mp'] = mp
+    run['mp'] = mp
     request.config.add_cleanup(lambda: [p.kill() for p in mp['procs']])
   run['a'] = _run_a(run['dataset'], root / 'A')
   run['a_workdir'] = str(root / 'A')
@@ -181,9 +180,13 @@ def exported_run(tmp_path_factory, request) -> dict:
 
 
 def release() -> None:
-  """Removes the shared run from disk and memory (the background processes are done by now)."""
-  for proc in _SHARED.get('mp', {}).get('procs', ()):
-    proc.kill()
-  if 'root' in _SHARED:
-    shutil.rmtree(_SHARED['root'], ignore_errors=True)
+  """Removes the shared run from disk and memory (the background processes are done by now).
+
+  Called only after passing tests (conftest.py); what a failed set-up left stays for inspection
+  and its processes are killed at the end of the session (`add_cleanup`)."""
+  run = _SHARED.get('run')
+  if isinstance(run, dict):
+    for proc in run.get('mp', {}).get('procs', ()):
+      proc.kill()
+    shutil.rmtree(run['root'], ignore_errors=True)
   _SHARED.clear()

@@ -3,7 +3,8 @@
 Pretraining reads its records with grain and needs nothing else from TensorFlow; importing it
 only for `tf.summary` cost ~9 s of CPU at every start (docs/PERFORMANCE.md). The `tensorboard`
 package's own record framing and protos are pure Python and write the event files that
-`tf.summary` writes and `tensorboard --logdir` reads.
+`tf.summary` writes and `tensorboard --logdir` reads. (Its `EventFileWriter` is not used: it
+opens files through `tensorboard.compat.tf`, which imports TensorFlow wherever it is installed.)
 """
 from __future__ import annotations
 
